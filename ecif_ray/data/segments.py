@@ -1,0 +1,171 @@
+"""Segments: the fixed partition of training pairs into contrastive batches (``Seg`` in ECIF.md).
+
+ECIF's negative-role terms depend on which pairs share a softmax, so the partition must be a
+pure function of the data: consecutive good samples of one shard, in tar order, ``size`` at a
+time. It never depends on the number of workers or on scheduling, which is what makes scores
+identical whatever the cluster size. Exclusions are applied *after* segmenting: an excluded
+pair leaves its own segment and every other segment keeps its members, which is the
+"remove D* from its batches" counterfactual that ECIF approximates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.samples import ErrorRecord, Sample, read_shard
+from ecif_ray.data.shards import Shard, ShardSpec, list_shards
+
+Preprocess = Callable[[Image.Image], torch.Tensor]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass
+class Segment:
+    """A fixed group of pairs from one shard; ``index`` stays stable when pairs are excluded."""
+
+    shard: str
+    index: int  # segment index within the shard (0, 1, 2, ...)
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass
+class PairBatch:
+    """One segment as tensors, with the identities needed to write table rows."""
+
+    shard: str
+    segment: int
+    keys: list[str]
+    shard_indices: list[int]
+    captions: list[str]
+    meta: list[dict[str, Any]]
+    images: torch.Tensor  # [B, 3, H, W] float
+    tokens: torch.Tensor  # [B, L] long
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        """Move the tensors (not the identities) to ``device``."""
+        return dataclasses.replace(self, images=self.images.to(device), tokens=self.tokens.to(device))
+
+
+def segment_samples(samples: Iterable[Sample], size: int) -> Iterator[Segment]:
+    """Split one shard's good samples, in order, into segments of ``size`` (the last may be short)."""
+    if size < 1:
+        raise ValueError(f"segment size must be >= 1, got {size}")
+    return _segments(samples, size)
+
+
+def _segments(samples: Iterable[Sample], size: int) -> Iterator[Segment]:
+    shard: str | None = None
+    chunk: list[Sample] = []
+    index = 0
+    for sample in samples:
+        if not isinstance(sample, Sample):
+            raise TypeError(f"segment_samples takes Sample objects, got {type(sample).__name__}")
+        if shard is None:
+            shard = sample.shard
+        elif sample.shard != shard:
+            raise ValueError(f"segment_samples got samples from two shards ({shard!r}, {sample.shard!r})")
+        chunk.append(sample)
+        if len(chunk) == size:
+            yield Segment(shard, index, chunk)
+            index, chunk = index + 1, []
+    if chunk:
+        assert shard is not None
+        yield Segment(shard, index, chunk)
+
+
+def exclude_from_segments(segments: Iterable[Segment], exclude: ExclusionSet | None) -> list[Segment]:
+    """Drop excluded pairs from their segments, keeping indices; drop segments left empty."""
+    if not exclude:
+        return list(segments)
+    kept = []
+    for segment in segments:
+        samples = [s for s in segment.samples if not exclude.contains(s.shard, s.key)]
+        if samples:
+            kept.append(Segment(segment.shard, segment.index, samples))
+    return kept
+
+
+def shard_segments(
+    shard: Shard,
+    *,
+    segment_size: int,
+    exclude: ExclusionSet | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[list[Segment], list[ErrorRecord]]:
+    """Read one shard and form its segments (segment first, then exclude); plus its error records."""
+    samples, errors = read_shard(shard, storage_options)
+    segments = exclude_from_segments(segment_samples(samples, segment_size), exclude)
+    return segments, errors
+
+
+def collate_segment(segment: Segment, preprocess: Preprocess, tokenizer: Tokenizer) -> PairBatch:
+    """Turn a segment into model inputs: preprocessed images and tokenized captions."""
+    samples = segment.samples
+    captions = [s.caption for s in samples]
+    images = torch.stack([preprocess(s.image) for s in samples])
+    if not images.is_floating_point():
+        images = images.float()
+    tokens = torch.as_tensor(tokenizer(captions)).long()
+    if images.ndim != 4 or tokens.ndim != 2 or tokens.shape[0] != len(samples):
+        raise ValueError(
+            f"segment {segment.shard}#{segment.index}: preprocess/tokenizer gave images {tuple(images.shape)} "
+            f"and tokens {tuple(tokens.shape)}; expected [B, C, H, W] and [B, L] with B={len(samples)}"
+        )
+    return PairBatch(
+        shard=segment.shard,
+        segment=segment.index,
+        keys=[s.key for s in samples],
+        shard_indices=[s.shard_index for s in samples],
+        captions=captions,
+        meta=[s.meta for s in samples],
+        images=images,
+        tokens=tokens,
+    )
+
+
+def load_segments(
+    spec: ShardSpec | Sequence[Shard],
+    *,
+    segment_size: int,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    exclude: ExclusionSet | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[list[PairBatch], list[ErrorRecord]]:
+    """Read every shard into collated batches, in shard order then segment order.
+
+    Everything is held in memory: meant for small corpora (fine-tuning the tiny models, tests,
+    the curvature sample). The scoring pass works shard by shard with :func:`shard_segments`.
+    """
+    if segment_size < 1:
+        raise ValueError(f"segment size must be >= 1, got {segment_size}")
+    shards = _as_shards(spec, storage_options)
+    batches: list[PairBatch] = []
+    errors: list[ErrorRecord] = []
+    for shard in shards:
+        segments, shard_errors = shard_segments(
+            shard, segment_size=segment_size, exclude=exclude, storage_options=storage_options
+        )
+        batches.extend(collate_segment(segment, preprocess, tokenizer) for segment in segments)
+        errors.extend(shard_errors)
+    return batches, errors
+
+
+def _as_shards(spec: ShardSpec | Sequence[Shard], storage_options: Mapping[str, Any] | None) -> list[Shard]:
+    """Accept an already-listed shard list as well as a spec, so callers do not list twice."""
+    if isinstance(spec, Sequence) and not isinstance(spec, str) and spec and all(isinstance(s, Shard) for s in spec):
+        return list(spec)
+    return list_shards(spec, storage_options)

@@ -1,0 +1,107 @@
+"""Model quality: zero-shot classification accuracy and the validation contrastive loss.
+
+The validation loss is L'(θ) = (1/N') Σ_m L_seg,m over the validation pairs, segmented exactly as
+the engine segments its validation query (shard order, the checkpoint's segment size), so the
+number `ecif-ray eval` prints is the quantity whose change the influence scores predict.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import torch
+import torch.nn.functional as F
+
+from ecif_ray.data.prompts import CAPTION_TEMPLATES, class_prompts
+from ecif_ray.data.segments import PairBatch, load_segments
+from ecif_ray.models.checkpoint import Checkpoint
+from ecif_ray.models.factory import ClipBundle, encode
+from ecif_ray.training import total_segment_loss
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    names: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+def find_classes(test: str | list[str], classes_path: str | None = None, storage_options: dict | None = None,
+                 batches: list[PairBatch] | None = None) -> ClassSet:
+    """Class names and prompt templates: an explicit classes.json, the corpus's own
+    (``<test>/../classes.json``), or else the labels recorded in the test samples."""
+    candidates = [classes_path] if classes_path else []
+    if isinstance(test, str):
+        candidates.append(posixpath.join(posixpath.dirname(test.rstrip("/")), "classes.json"))
+    for path in candidates:
+        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        if fs.exists(fs_path):
+            with fs.open(fs_path, "r") as f:
+                spec = json.load(f)
+            return ClassSet(tuple(spec["classes"]), tuple(spec.get("templates") or CAPTION_TEMPLATES))
+        if path == classes_path:
+            raise FileNotFoundError(f"--classes {classes_path}: no such file")
+    labels = {int(m["label"]): m["class_name"] for b in batches or [] for m in b.meta if "class_name" in m}
+    if not labels:
+        raise ValueError(f"no classes.json next to {test} and no class_name/label in its samples' json")
+    return ClassSet(tuple(labels[i] for i in sorted(labels)), CAPTION_TEMPLATES)
+
+
+def class_embeddings(bundle: ClipBundle, classes: ClassSet, params: dict[str, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
+    """[C, D] zero-shot classifier: per class, the normalised mean of its prompts' embeddings."""
+    prompts = class_prompts(classes.names, classes.templates)
+    tokens = bundle.tokenizer([p for per_class in prompts for p in per_class])
+    tokens = tokens.to(next(bundle.model.parameters()).device)
+    text = encode(bundle.model, tokens=tokens, params=params)[1]
+    return F.normalize(text.view(len(classes.names), len(classes.templates), -1).mean(dim=1), dim=-1)
+
+
+def labels_of(batch: PairBatch) -> torch.Tensor:
+    try:
+        return torch.tensor([int(m["label"]) for m in batch.meta])
+    except KeyError as e:
+        i = next(i for i, m in enumerate(batch.meta) if "label" not in m)
+        raise ValueError(f"{batch.shard}/{batch.keys[i]}: test sample has no 'label' in its json") from e
+
+
+@torch.no_grad()
+def zero_shot_accuracy(bundle: ClipBundle, batches: list[PairBatch], classes: ClassSet) -> float:
+    classifier = class_embeddings(bundle, classes)
+    correct = total = 0
+    for b in batches:
+        predicted = (encode(bundle.model, images=b.images.to(classifier.device))[0] @ classifier.T).argmax(dim=1)
+        correct += int((predicted.cpu() == labels_of(b)).sum())
+        total += len(b)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def validation_loss(bundle: ClipBundle, batches: list[PairBatch], logit_scale: float) -> float:
+    """L'(θ) = (1/N') Σ_m L_seg,m with the fixed validation segments."""
+    n = sum(len(b) for b in batches)
+    return float(total_segment_loss(bundle, batches, logit_scale)) / n
+
+
+def evaluate(ckpt: Checkpoint, test: str | list[str], val: str | list[str] | None = None,
+             classes_path: str | None = None, storage_options: dict | None = None) -> dict:
+    """What `ecif-ray eval --json` prints."""
+    bundle = ckpt.bundle
+    test_batches, test_errors = load_segments(test, segment_size=256, preprocess=bundle.preprocess,
+                                              tokenizer=bundle.tokenizer, storage_options=storage_options)
+    classes = find_classes(test, classes_path, storage_options, test_batches)
+    result = {
+        "zero_shot_accuracy": zero_shot_accuracy(bundle, test_batches, classes),
+        "test_examples": sum(len(b) for b in test_batches),
+        "test_errors": len(test_errors),
+        "classes": list(classes.names),
+    }
+    if val is not None:
+        val_batches, val_errors = load_segments(val, segment_size=ckpt.meta.segment_size,
+                                                preprocess=bundle.preprocess, tokenizer=bundle.tokenizer,
+                                                storage_options=storage_options)
+        result.update(val_loss=validation_loss(bundle, val_batches, ckpt.meta.logit_scale),
+                      val_pairs=sum(len(b) for b in val_batches), val_errors=len(val_errors))
+    return result

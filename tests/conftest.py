@@ -1,0 +1,160 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto server mode) and webdataset shard writers.
+
+The S3 server is started once per session (about a second) and every test gets its own fresh
+bucket, so tests never see each other's objects.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------
+# S3 on loopback
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running moto S3 server; ``storage_options`` is what s3fs / fsspec need to reach it."""
+
+    endpoint_url: str
+    storage_options: dict[str, Any]
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options)
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    """A fresh, empty bucket on the test server."""
+
+    name: str
+    server: S3Server
+    fs: Any = field(repr=False)  # s3fs.S3FileSystem
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.name}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.server.storage_options
+
+    def put(self, local: str | Path, key: str) -> str:
+        """Upload a local file; returns its s3:// URL."""
+        url = f"{self.url}/{key}"
+        self.fs.put_file(str(local), url)
+        return url
+
+
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance-metadata endpoint
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 API (moto's server mode) on 127.0.0.1, with dummy credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in _AWS_ENV.items():
+            mp.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            mp.delenv(name, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            options = {
+                "key": _AWS_ENV["AWS_ACCESS_KEY_ID"],
+                "secret": _AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+            }
+            yield S3Server(endpoint_url=endpoint, storage_options=options)
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> S3Bucket:
+    """A new bucket for this test (unique name, so listings never leak between tests)."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    client.create_bucket(Bucket=name)  # s3fs.mkdir would send a LocationConstraint us-east-1 rejects
+    return S3Bucket(name=name, server=s3_server, fs=s3_server.filesystem())
+
+
+# ---------------------------------------------------------------------------------------------
+# webdataset shards
+
+
+def image_bytes(fmt: str = "PNG", color: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> bytes:
+    """A small solid-colour image encoded as ``fmt`` (PNG, JPEG, WEBP)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def sample_members(
+    key: str, caption: str | bytes | None = "a photo of a cat.", image: bytes | None = None, ext: str = "png"
+) -> list[tuple[str, bytes]]:
+    """Members of one webdataset sample: ``<key>.<ext>`` image and ``<key>.txt`` caption."""
+    members = [(f"{key}.{ext}", image if image is not None else image_bytes("JPEG" if ext == "jpg" else "PNG"))]
+    if caption is not None:
+        members.append((f"{key}.txt", caption.encode() if isinstance(caption, str) else caption))
+    return members
+
+
+def write_tar(path: str | Path, members: Sequence[tuple[str, bytes]]) -> Path:
+    """Write ``(name, data)`` members in the given order as a plain tar (what TarWriter writes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0  # byte-identical shards for identical content
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_shard(path: str | Path, n: int, *, prefix: str = "", caption: str = "a photo of sample {i}.") -> Path:
+    """A clean shard of ``n`` samples keyed ``{prefix}{i:06d}``, each with a distinct colour."""
+    members: list[tuple[str, bytes]] = []
+    for i in range(n):
+        color = ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256)
+        members += sample_members(f"{prefix}{i:06d}", caption.format(i=i), image_bytes(color=color))
+    return write_tar(path, members)
+
+
+@dataclass(frozen=True)
+class Wds:
+    """The shard-writing helpers, as a fixture so any test module can use them without imports."""
+
+    image_bytes = staticmethod(image_bytes)
+    sample_members = staticmethod(sample_members)
+    write_tar = staticmethod(write_tar)
+    write_shard = staticmethod(write_shard)
+
+
+@pytest.fixture(scope="session")
+def wds() -> Wds:
+    return Wds()
