@@ -179,7 +179,7 @@ def objective(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict[
               batches: list[PairBatch], delta: float, scale: float) -> torch.Tensor:
     """R(θ) over the whole partition (differentiable)."""
     n_pairs = sum(len(b) for b in batches)
-    return total_segment_loss(bundle, batches, scale) / n_pairs + 0.5 * delta * penalty(params, anchor)
+    return total_segment_loss(bundle, batches, scale, params) / n_pairs + 0.5 * delta * penalty(params, anchor)
 
 
 def _fit_adam(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
@@ -227,7 +227,7 @@ def _fit_lbfgs(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict
     history: list[float] = []
     bar = tqdm(range(settings.epochs), desc="fine-tune (L-BFGS)", unit="round", disable=not settings.progress)
     for _ in bar:
-        history.append(float(optimizer.step(closure)))
+        history.append(float(optimizer.step(closure).detach()))
         bar.set_postfix(objective=f"{history[-1]:.8f}")
         if len(history) > 1 and abs(history[-2] - history[-1]) <= 1e-14 * max(1.0, abs(history[-1])):
             break

@@ -158,3 +158,40 @@ class Wds:
 @pytest.fixture(scope="session")
 def wds() -> Wds:
     return Wds()
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny real corpus (scikit-learn digits) and a micro model fine-tuned on it
+
+
+@pytest.fixture(scope="session")
+def digits_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits corpus with 20% swap-class noise: 480 pretrain, 128 train, 64 val, 64 test pairs."""
+    from ecif_ray.data.corpus import CorpusSpec, build_corpus
+
+    out = tmp_path_factory.mktemp("digits") / "corpus"
+    build_corpus(CorpusSpec(dataset="digits", out=out, noise=0.2, shard_size=64, seed=0, pretrain_size=480,
+                            train_size=128, val_size=64, test_size=64), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_pretrained(digits_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ecif-micro trained (all parameters) on the clean pretrain split."""
+    from ecif_ray.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "pre"
+    return train(TrainConfig(train=str(digits_corpus / "pretrain"), arch="ecif-micro", params={"kind": "all"},
+                             segment_size=32, epochs=30, lr=3e-3, delta=1e-4, seed=0, out=str(out), progress=False))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_torch_thread() -> Iterator[None]:
+    """Small models on a shared 2-core machine run far faster single-threaded (OpenMP barriers
+    stall when the other core is busy); Ray actors use one thread each for the same reason."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -28,6 +28,16 @@ F64 = torch.float64
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
 
 
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    """These problems are tiny and latency-bound: on a loaded CPU, OpenMP threads spinning for
+    cores make each op ~100x slower, so pin one intra-op thread for the test and restore it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # Segments
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +121,7 @@ def directional(f, S: torch.Tensor, S_dot: torch.Tensor) -> torch.Tensor:
     return vmap(lambda t: jvp(f, (S,), (t,))[1])(S_dot)
 
 
-def assert_close_rel(
-    actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10, floor: float = 0.0
-) -> None:
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10, floor: float = 0.0) -> None:
     """Max-norm relative error: ``max|a − e| ≤ rtol · max|e| + floor``.
 
     ``floor`` is the float64 reference's *own* rounding where it is formed by cancellation (an
@@ -433,3 +441,22 @@ def test_runs_on_device(device: str) -> None:
     assert d_pos.device.type == device and d_neg.device.type == device
     ref = directional(ref_neg_exact, S.cpu(), S_dot.cpu())
     assert_close_rel(d_neg.cpu(), ref)
+
+
+@pytest.mark.parametrize("case", ["constant", "duplicate_image"])
+def test_ties_in_a_row(case: str) -> None:
+    """Exact ties (all-equal logits, or two identical images) pick one 'top' entry; the values and
+    gradients must not depend on which (e.g. amax would split the gradient between the ties)."""
+    S = torch.zeros(4, 4, dtype=F64) if case == "constant" else make_segment("aligned30", B=5)
+    if case == "duplicate_image":
+        S[:, 3] = S[:, 2]
+    S_dot = tangents(S.shape[0], Q=2, seed=13)
+    t = pair_terms(S)
+    assert_close_rel(t.neg_exact, ref_neg_exact(S), rtol=1e-13)
+    assert_close_rel(t.pos, ref_pos(S), rtol=1e-13)
+    for name, ref in [("pos", ref_pos), ("neg_taylor", ref_neg_taylor), ("neg_exact", ref_neg_exact)]:
+        assert_close_rel(jacrev(lambda s, n=name: getattr(pair_terms(s), n))(S), jacrev(ref)(S), rtol=1e-12)
+    for term, ref in [("taylor", ref_neg_taylor), ("exact", ref_neg_exact)]:
+        d_pos, d_neg = pair_directional_derivatives(S, S_dot, term)
+        assert_close_rel(d_neg, directional(ref, S, S_dot), rtol=1e-12)
+        assert_close_rel(d_pos, directional(ref_pos, S, S_dot), rtol=1e-12)
