@@ -165,6 +165,9 @@ class FitSettings:
     optimizer: Literal["adam", "lbfgs"] = "adam"
     seed: int = 0
     progress: bool = True
+    # N of R(θ) = (1/N) Σ L_seg + ...; default: the pairs being fitted. ECIF's removal analysis
+    # (ECIF.md §3) keeps the original N when pairs are removed; leave-out experiments set it.
+    n_pairs: int | None = None
 
 
 def fit(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
@@ -176,9 +179,9 @@ def fit(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict[str, t
 
 
 def objective(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
-              batches: list[PairBatch], delta: float, scale: float) -> torch.Tensor:
+              batches: list[PairBatch], delta: float, scale: float, n_pairs: int | None = None) -> torch.Tensor:
     """R(θ) over the whole partition (differentiable)."""
-    n_pairs = sum(len(b) for b in batches)
+    n_pairs = n_pairs or sum(len(b) for b in batches)
     return total_segment_loss(bundle, batches, scale, params) / n_pairs + 0.5 * delta * penalty(params, anchor)
 
 
@@ -189,7 +192,7 @@ def _fit_adam(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict[
     optimizer = torch.optim.Adam(list(params.values()), lr=settings.lr)
     steps_per_epoch = math.ceil(len(batches) / settings.segments_per_step)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
-    n_pairs = sum(len(b) for b in batches)
+    n_pairs = settings.n_pairs or sum(len(b) for b in batches)
     weight = len(batches) / n_pairs  # M/N: a draw of segments estimates (1/N) Σ_m L_seg,m
     history: list[float] = []
     bar = tqdm(range(settings.epochs), desc="fine-tune", unit="epoch", disable=not settings.progress)
@@ -220,7 +223,7 @@ def _fit_lbfgs(bundle: ClipBundle, params: dict[str, torch.Tensor], anchor: dict
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = objective(bundle, params, anchor, batches, settings.delta, settings.logit_scale)
+        loss = objective(bundle, params, anchor, batches, settings.delta, settings.logit_scale, settings.n_pairs)
         loss.backward()
         return loss
 

@@ -54,6 +54,20 @@ class PairBatch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def without(self, exclude: ExclusionSet) -> PairBatch | None:
+        """The same segment with excluded pairs removed (None if nothing is left); the other
+        pairs keep their segment, as in ``exclude_from_segments``."""
+        keep = [i for i, key in enumerate(self.keys) if not exclude.contains(self.shard, key)]
+        if len(keep) == len(self.keys):
+            return self
+        if not keep:
+            return None
+        index = torch.tensor(keep)
+        return dataclasses.replace(
+            self, keys=[self.keys[i] for i in keep], shard_indices=[self.shard_indices[i] for i in keep],
+            captions=[self.captions[i] for i in keep], meta=[self.meta[i] for i in keep],
+            images=self.images.index_select(0, index), tokens=self.tokens.index_select(0, index))
+
     def to(self, device: torch.device | str) -> PairBatch:
         """Move the tensors (not the identities) to ``device``."""
         return dataclasses.replace(self, images=self.images.to(device), tokens=self.tokens.to(device))

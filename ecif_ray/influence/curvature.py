@@ -35,6 +35,9 @@ class SolverSettings:
     chunk: int = 32  # vectors per JVP/VJP vmap (memory bound)
 
 
+DEFAULT_SOLVER = SolverSettings()
+
+
 def ggn_sum(task: InfluenceTask, batches: list[PairBatch], V: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     """Σ_{m ∈ batches} J_mᵀ Λ_m J_m V for a [D, Q] block (unnormalised: callers divide by pairs)."""
     out = torch.zeros_like(V)
@@ -78,7 +81,7 @@ class Directions:
 
 
 def solve_directions(task: InfluenceTask, queries: QueryGradients, matvec: Matvec,
-                     settings: SolverSettings = SolverSettings(),
+                     settings: SolverSettings = DEFAULT_SOLVER,
                      callback: Callable[[int, torch.Tensor], None] | None = None) -> Directions:
     """CG (optionally Nyström-preconditioned) on (G + δI) S = Gᵀ' for all queries at once."""
     t0 = time.perf_counter()

@@ -1,0 +1,192 @@
+"""The scoring job's configuration: typed, validated up front, loadable from YAML.
+
+A scoring run is defined by one :class:`ScoreConfig`. It comes from a YAML file
+(``ecif-ray score --config job.yaml``, ``jobs/score.py --config ...``), from command-line flags, or
+both: flags override YAML keys. Validation happens before any cluster or data is touched, and
+an error names the offending field, so a typo never costs a cluster start.
+
+Fields fall in two groups, which matters for resume (see :meth:`ScoreConfig.score_inputs`):
+
+* what the scores *mean*: checkpoint, shards, queries, segment size, negative term, curvature
+  sample, solver, n_train, δ, exclusions, dtype. Changing any of these on an existing run
+  directory is refused;
+* how the run is *executed*: workers, address, GPUs/threads per worker, storage options,
+  progress display, retry limits. These may change between a run and its resumption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+QueryName = Literal["val", "task"]
+DType = Literal["float32", "float64"]
+
+
+class SolverConfig(BaseModel):
+    """CG settings of the iHVP solve (mirrors ``influence.curvature.SolverSettings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tol: float = Field(1e-6, gt=0, lt=1, description="relative residual ‖b − (G+δI)x‖/‖b‖ to reach")
+    max_iter: int = Field(200, ge=1, description="CG iterations at most")
+    preconditioner: Literal["none", "nystrom"] = "none"
+    nystrom_rank: int = Field(64, ge=1, description="rank of the randomized Nyström preconditioner")
+    seed: int = Field(0, ge=0, description="seed of the Nyström sketch")
+    chunk: int = Field(32, ge=1, description="vectors per vmapped JVP/VJP (bounds worker memory)")
+
+
+class ScoreConfig(BaseModel):
+    """Arguments of ``ecif-ray score`` and ``jobs/score.py``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- inputs ------------------------------------------------------------------------------
+    ckpt: str = Field(description="ecif-ray checkpoint directory (local path or fsspec URL)")
+    train: str | list[str] = Field(description="shards to score: dir, brace pattern, glob, s3://..., or a list")
+    val: str | list[str] | None = Field(None, description="trusted validation pairs (the 'val' query)")
+    test: str | list[str] | None = Field(None, description="labelled test images (the 'task' query)")
+    classes: str | None = Field(None, description="classes.json for the task query (default: next to test)")
+    exclude: str | None = Field(None, description="pairs to leave out: 'shard,key' lines or Parquet")
+    storage_options: dict[str, Any] | None = Field(None, description="fsspec options (e.g. S3 endpoint, keys)")
+
+    # -- output ------------------------------------------------------------------------------
+    out: str = Field(description="run directory (local path or s3://...)")
+    run_id: str | None = Field(None, description="Hive partition value run_id=<id> (default: derived)")
+
+    # -- what the scores mean ----------------------------------------------------------------
+    queries: list[QueryName] = Field(default_factory=lambda: ["val"],
+                                     description="query losses; the first is primary (pairs table)")
+    negative_term: Literal["exact", "taylor"] = "exact"
+    segment_size: int | None = Field(None, ge=2, description="pairs per segment (default: the checkpoint's)")
+    n_train: int | None = Field(None, ge=1, description="N of R(θ) (default: the checkpoint's training pairs)")
+    delta: float | None = Field(None, gt=0, description="δ of the analysis (default: the checkpoint's)")
+    curvature_segments: int = Field(64, ge=1, description="segments in the curvature sample")
+    curvature_shards: int = Field(8, ge=1, description="shards the curvature sample is spread over")
+    curvature_seed: int = Field(0, ge=0, description="seed of the curvature sample")
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+    dtype: DType = Field("float64", description="float64 (exact, CPU) or float32 (GPU-scale runs)")
+
+    # -- how the run is executed -------------------------------------------------------------
+    address: str | None = Field(None, description="Ray address ('auto', ray://...); default: RAY_ADDRESS "
+                                                  "or a new local cluster")
+    workers: int | None = Field(None, ge=1, description="actors (default: one per GPU, else one per CPU)")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads (and CPUs reserved) per actor")
+    max_attempts: int = Field(3, ge=1, description="tries per shard before it is reported as failed")
+    max_worker_failures: int | None = Field(None, ge=0,
+                                            description="actor deaths tolerated (default 2 × workers + 2)")
+    top_k: int = Field(10, ge=0, description="flagged pairs shown in the summary (and kept per shard)")
+    progress: bool = True
+
+    @field_validator("train", "val", "test")
+    @classmethod
+    def _non_empty_spec(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return value
+        specs = [value] if isinstance(value, str) else value
+        if not specs or any(not str(s).strip() for s in specs):
+            raise ValueError("must name at least one shard path or pattern, without empty entries")
+        return value
+
+    @field_validator("queries")
+    @classmethod
+    def _unique_queries(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one query: val and/or task")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate query names in {value}")
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _partition_safe(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in "/\\=*?{}[] ")):
+            raise ValueError(f"{value!r} is not usable as a Hive partition value (no / \\ = * ? {{}} [] or spaces)")
+        return value
+
+    @model_validator(mode="after")
+    def _query_inputs(self) -> ScoreConfig:
+        if "val" in self.queries and self.val is None:
+            raise ValueError("the 'val' query needs val: validation shards (or set queries: [task])")
+        if "task" in self.queries and self.test is None:
+            raise ValueError("the 'task' query needs test: labelled test shards")
+        return self
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | None = None, overrides: Mapping[str, Any] | None = None) -> ScoreConfig:
+        """YAML file (optional) plus overrides (flags); overrides win, ``None`` means 'not given'."""
+        data: dict[str, Any] = read_yaml(path) if path else {}
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key == "solver":
+                data["solver"] = {**(data.get("solver") or {}), **value}
+            else:
+                data[key] = value
+        return cls.model_validate(data)
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def solver_settings(self):
+        """The engine's ``SolverSettings`` for this config."""
+        from ecif_ray.influence.curvature import SolverSettings
+
+        return SolverSettings(**self.solver.model_dump())
+
+    def score_inputs(self) -> dict[str, Any]:
+        """The fields that change what the scores mean (the rest only changes how they are computed)."""
+        keep = ("train", "val", "test", "classes", "queries", "negative_term", "segment_size", "n_train", "delta",
+                "curvature_segments", "curvature_shards", "curvature_seed", "dtype")
+        inputs = {name: getattr(self, name) for name in keep}
+        inputs["solver"] = self.solver.model_dump()
+        return inputs
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as recorded in the manifest: storage options are left out (they may hold keys)."""
+        dump = self.model_dump(mode="json")
+        if dump.get("storage_options") is not None:
+            dump["storage_options"] = "<redacted>"
+        return dump
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A YAML mapping from any fsspec path; a clear error for a missing file or a non-mapping."""
+    try:
+        with fsspec.open(path, "r") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"--config {path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--config {path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON-serialisable value in canonical form (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def absolute_local(spec: str | list[str] | None) -> str | list[str] | None:
+    """Make local relative paths absolute (workers may run elsewhere); URLs are left as they are."""
+    if spec is None:
+        return None
+    if isinstance(spec, list):
+        return [absolute_local(s) for s in spec]  # type: ignore[misc]
+    if "://" in spec or "::" in spec:
+        return spec
+    return str(Path(spec).expanduser().absolute())

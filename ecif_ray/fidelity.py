@@ -1,0 +1,63 @@
+"""Leave-out retraining: the ground truth that influence predictions are held to (ECIF.md §6.2).
+
+``LeaveOut`` holds a fitted θ̂ and re-fits R without a set D* (warm-started from θ̂, same anchor,
+same segments minus D*, and the original N in R, as ECIF's removal step R − F_{D*}/N assumes),
+then reports the actual change of the validation loss L'(θ̂) − L'(θ̂_{−D*}) — the quantity
+``ecif_is`` predicts. Used by the fidelity tests and the LDS benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.segments import PairBatch
+from ecif_ray.influence.queries import ValidationQuery
+from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.training import FitSettings, fit
+
+
+@dataclass
+class LeaveOut:
+    task: InfluenceTask             # at θ̂
+    anchor: dict[str, torch.Tensor]
+    batches: list[PairBatch]
+    query: ValidationQuery
+    settings: FitSettings           # how θ̂ was fitted (L-BFGS for tight optima)
+
+    def __post_init__(self) -> None:
+        self.theta_hat = {n: p.detach().clone() for n, p in self.task.params.items()}
+        self.settings = replace(self.settings, n_pairs=self.task.n_train, progress=False)
+        with torch.no_grad():
+            self.base_loss = float(self.query.loss(self.task, self.theta_hat))
+
+    def refit(self, removed: ExclusionSet) -> dict[str, torch.Tensor]:
+        """θ̂_{−D*}: minimise (1/N)(Σ L_seg without D*) + (δ/2)‖θ − θ_0‖² from θ̂."""
+        params = self.task.subset.trainable(self.task.bundle.model)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.theta_hat[name])
+        kept = [b for b in (batch.without(removed) for batch in self.batches) if b is not None]
+        fit(self.task.bundle, params, self.anchor, kept, self.settings)
+        refitted = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.theta_hat[name])
+        return refitted
+
+    def actual_change(self, removed: ExclusionSet) -> float:
+        """L'(θ̂) − L'(θ̂_{−D*}): positive when removing D* lowers the validation loss."""
+        refitted = self.refit(removed)
+        with torch.no_grad():
+            return self.base_loss - float(self.query.loss(self.task, refitted))
+
+
+def agreement(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Spearman rank correlation and the least-squares slope of actual on predicted."""
+    slope = float(np.polyfit(predicted, actual, 1)[0])
+    return {"spearman": float(spearmanr(actual, predicted)[0]), "slope": slope,
+            "mean_abs_actual": float(np.abs(actual).mean()), "mean_abs_predicted": float(np.abs(predicted).mean())}

@@ -1,0 +1,207 @@
+"""The curvature pass on the driver: query gradients, the distributed GGN matvec, CG, saved directions.
+
+Workers hold the curvature sample (``pipeline.plan``) group by group and return one partial
+product Σ_m J_mᵀ Λ_m J_m V per group; the driver adds them in group order and divides by the
+sample's pair count, which is exactly the matvec the single-process engine's ``local_matvec``
+computes, and runs the engine's own ``solve_directions`` with it. A worker that dies mid-pass is
+replaced; the replacement reloads the dead one's groups (the plan makes them reproducible) and
+the interrupted products are recomputed.
+
+The solved directions are saved in the run directory with the run's fingerprint and reused by a
+rerun with the same fingerprint, so the iHVP is solved once per run, not once per invocation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ecif_ray.influence.curvature import Directions, SolverSettings, solve_directions
+from ecif_ray.influence.queries import QueryGradients
+from ecif_ray.pipeline.events import CurvatureLoaded, Listener, SolverStep
+from ecif_ray.pipeline.plan import CurvatureGroup, CurvaturePlanner, CurvatureRequest
+from ecif_ray.pipeline.pool import WorkerPool
+from ecif_ray.pipeline.worker import QueryResult, QuerySpec
+from ecif_ray.tables.store import DIRECTIONS_DIR, RunStore
+
+DIRECTIONS_TENSORS = f"{DIRECTIONS_DIR}/directions.safetensors"
+DIRECTIONS_META = f"{DIRECTIONS_DIR}/directions.json"
+
+
+@dataclass(frozen=True)
+class SolveSpace:
+    """The parts of an ``InfluenceTask`` that ``solve_directions`` reads: the driver holds no model."""
+
+    dim: int
+    delta: float
+    dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class CurvatureSample:
+    groups: list[CurvatureGroup] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> int:
+        return sum(g.pairs for g in self.groups)
+
+    @property
+    def segments(self) -> int:
+        return sum(len(g.segments) for g in self.groups)
+
+    def describe(self) -> dict[str, Any]:
+        return {"segments": self.segments, "pairs": self.pairs, "groups": len(self.groups),
+                "sample": {g.shard: list(g.segments) for g in self.groups}}
+
+
+def call_with_recovery(pool: WorkerPool, actor: ActorHandle, call: Callable[[ActorHandle], Any],
+                       reload: Callable[[ActorHandle], None] = lambda actor: None) -> Any:
+    """``ray.get(call(actor))``; if the actor dies, replace it, ``reload`` the replacement, try again."""
+    while True:
+        try:
+            return ray.get(call(actor))
+        except RayActorError:
+            actor = pool.replace(actor)
+            reload(actor)
+
+
+def query_gradients(pool: WorkerPool, spec: QuerySpec) -> QueryResult:
+    return call_with_recovery(pool, pool.actors[0], lambda actor: actor.query_gradients.remote(spec))
+
+
+class DistributedCurvature:
+    """The curvature sample spread over the pool's actors, and G·V over it."""
+
+    def __init__(self, pool: WorkerPool, planner: CurvaturePlanner):
+        self.pool = pool
+        self.planner = planner
+        self.requests: dict[int, CurvatureRequest] = {}
+        self.owner: dict[int, ActorHandle] = {}
+        self.sample = CurvatureSample()
+
+    def load(self) -> CurvatureSample:
+        """Draw the sample round by round (see ``pipeline.plan``); groups that got nothing are dropped."""
+        while requests := self.planner.next_round():
+            round_groups = self._load_round(requests)
+            self.planner.record(round_groups)
+            self.sample.groups += [g for g in round_groups if g.pairs > 0]
+        if self.sample.pairs == 0:
+            raise ValueError("train: no readable segments for the curvature sample (every sampled shard is bad)")
+        self.sample.groups.sort(key=lambda g: g.group)
+        return self.sample
+
+    def _load_round(self, requests: list[CurvatureRequest]) -> list[CurvatureGroup]:
+        actors = self.pool.actors
+        refs = {}
+        for i, request in enumerate(requests):
+            self.requests[request.group] = request
+            self.owner[request.group] = actors[i % len(actors)]
+            refs[request.group] = self.owner[request.group].load_curvature.remote(request)
+        return [self._get_group(group, ref) for group, ref in refs.items()]
+
+    def _get_group(self, group: int, ref: ray.ObjectRef) -> CurvatureGroup:
+        try:
+            return ray.get(ref)
+        except RayActorError:
+            self._recover(self.owner[group])
+            return ray.get(self.owner[group].load_curvature.remote(self.requests[group]))
+
+    def _recover(self, dead: ActorHandle) -> ActorHandle:
+        """Replace a dead actor and give the replacement every group the dead one held."""
+        fresh = self.pool.replace(dead)
+        mine = [g for g, owner in self.owner.items() if owner == dead]
+        for g in mine:
+            self.owner[g] = fresh
+        known = {g.group: g for g in self.sample.groups}
+        for g in mine:
+            reloaded = call_with_recovery(self.pool, fresh, lambda a, g=g: a.load_curvature.remote(self.requests[g]))
+            if g in known and reloaded.segments != known[g].segments:
+                raise RuntimeError(f"curvature group {g} reloaded different segments: shard changed during the run?")
+        return fresh
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """G·V for a [D, Q] block: per-group partials from the actors, summed in group order."""
+        vectors = ray.put(np.ascontiguousarray(V.detach().cpu().numpy()))
+        partials: dict[int, np.ndarray] = {}
+        pending = [g.group for g in self.sample.groups]
+        while pending:
+            by_actor: dict[ActorHandle, list[int]] = {}
+            for g in pending:
+                by_actor.setdefault(self.owner[g], []).append(g)
+            refs = {actor: actor.ggn.remote(groups, vectors) for actor, groups in by_actor.items()}
+            pending = []
+            for actor, ref in refs.items():
+                try:
+                    partials.update(zip(by_actor[actor], ray.get(ref)))
+                except RayActorError:
+                    self._recover(actor)
+                    pending += by_actor[actor]
+        total = np.zeros_like(partials[self.sample.groups[0].group])
+        for g in self.sample.groups:
+            total += partials[g.group]
+        return torch.from_numpy(total / self.sample.pairs).to(V.dtype)
+
+    def release(self) -> None:
+        ray.get([actor.drop_curvature.remote() for actor in set(self.owner.values()) if actor in self.pool.actors])
+
+
+def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, space: SolveSpace,
+          settings: SolverSettings, emit: Listener) -> tuple[Directions, CurvatureSample]:
+    """Load the sample, run CG with the distributed matvec, free the sample."""
+    curvature = DistributedCurvature(pool, planner)
+    sample = curvature.load()
+    emit(CurvatureLoaded(groups=len(sample.groups), segments=sample.segments, pairs=sample.pairs))
+    gradients = QueryGradients(queries.names, torch.tensor(queries.gradients, dtype=space.dtype),
+                               torch.tensor(queries.losses, dtype=space.dtype))
+
+    def progress(iteration: int, residual: torch.Tensor) -> None:
+        emit(SolverStep(iteration, float(residual.max())))
+
+    directions = solve_directions(space, gradients, curvature.matvec, settings, callback=progress)  # type: ignore[arg-type]
+    curvature.release()
+    return directions, sample
+
+
+# -- persistence ---------------------------------------------------------------------------------
+
+def save_directions(store: RunStore, directions: Directions, fingerprint: str, extra: dict[str, Any]) -> None:
+    """Tensors first, then the JSON that names them: a directory with JSON is complete."""
+    tensors = {"vectors": directions.vectors.contiguous(), "query_losses": directions.query_losses.contiguous(),
+               "relative_residual": directions.relative_residual.contiguous()}
+    store.put(DIRECTIONS_TENSORS, save_tensors(tensors))
+    meta = {"fingerprint": fingerprint, "names": directions.names, "iterations": directions.iterations,
+            "converged": directions.converged, "settings": directions.settings, "seconds": directions.seconds,
+            "relative_residual": dict(zip(directions.names, directions.relative_residual.tolist())), **extra}
+    store.put_json(DIRECTIONS_META, meta)
+
+
+def load_directions(store: RunStore, fingerprint: str) -> tuple[Directions, dict[str, Any]] | None:
+    """The saved directions if they were solved for this fingerprint, else None."""
+    meta = store.get_json(DIRECTIONS_META)
+    data = store.get(DIRECTIONS_TENSORS)
+    if meta is None or data is None or meta.get("fingerprint") != fingerprint:
+        return None
+    tensors = load_tensors(data)
+    directions = Directions(names=meta["names"], vectors=tensors["vectors"], query_losses=tensors["query_losses"],
+                            relative_residual=tensors["relative_residual"], iterations=meta["iterations"],
+                            converged=meta["converged"], settings=meta["settings"], seconds=meta["seconds"])
+    return directions, meta
+
+
+def describe_directions(directions: Directions) -> dict[str, Any]:
+    return json.loads(json.dumps({
+        "names": directions.names, "iterations": directions.iterations, "converged": directions.converged,
+        "relative_residual": dict(zip(directions.names, directions.relative_residual.tolist())),
+        "settings": directions.settings, "seconds": round(directions.seconds, 3),
+    }))

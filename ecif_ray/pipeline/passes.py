@@ -1,0 +1,111 @@
+"""The cluster part of a run: start the pool, get directions (saved or solved), score pending shards."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+
+from ecif_ray.data.shards import Shard
+from ecif_ray.influence.curvature import Directions
+from ecif_ray.pipeline import curvature
+from ecif_ray.pipeline.events import DirectionsReady, Listener, WorkersReady
+from ecif_ray.pipeline.plan import CurvaturePlanner
+from ecif_ray.pipeline.pool import WorkerPool, plan_pool
+from ecif_ray.pipeline.run import PassResult, Prepared, checkpoint_files, lineage, ray_session
+from ecif_ray.pipeline.scheduler import ShardScheduler
+from ecif_ray.pipeline.shard import ShardJob
+from ecif_ray.pipeline.worker import QuerySpec, WorkerSettings
+from ecif_ray.tables.manifest import Manifest
+from ecif_ray.tables.store import RunStore
+
+
+def execute(prep: Prepared, manifest: Manifest, pending: list[Shard], emit: Listener) -> PassResult:
+    cfg = prep.config
+    result = PassResult()
+    with ray_session(cfg.address):
+        t0 = time.perf_counter()
+        size = plan_pool(cfg.workers, cfg.num_gpus_per_worker, cfg.threads_per_worker, cfg.max_worker_failures)
+        pool = WorkerPool(ray.put(checkpoint_files(prep.checkpoint_dir)), worker_settings(prep, size.num_gpus > 0),
+                          size)
+        try:
+            info = pool.start(min(size.workers, len(pending)))
+            result.timings["startup_s"] = round(time.perf_counter() - t0, 3)
+            resources = {"CPU": size.num_cpus, "GPU": size.num_gpus}
+            result.workers = {"workers": len(pool.actors), **resources, "info": info}
+            emit(WorkersReady(len(pool.actors), resources, info, result.timings["startup_s"]))
+
+            t1 = time.perf_counter()
+            directions, meta, result.reused = directions_for(prep, pool, emit)
+            result.directions = meta
+            result.timings["curvature_s"] = round(time.perf_counter() - t1, 3)
+            emit(DirectionsReady(directions.names, result.reused, directions.iterations, directions.converged,
+                                 float(directions.relative_residual.max()), directions.seconds))
+
+            t2 = time.perf_counter()
+            scheduler = ShardScheduler(pool, job_factory(prep, directions, meta), ray.put(directions.vectors.numpy()),
+                                       cfg.max_attempts, emit, failure_writer(prep, directions, meta))
+            outcome = scheduler.run(pending)
+            result.timings["scoring_s"] = round(time.perf_counter() - t2, 3)
+        finally:
+            result.worker_failures = pool.failures
+            pool.shutdown()
+    result.records, result.failed, result.retries = outcome.records, outcome.failed, outcome.retries
+    result.pairs_scored = sum(r.pairs for r in outcome.records.values())
+    return result
+
+
+def worker_settings(prep: Prepared, use_gpu: bool) -> WorkerSettings:
+    cfg = prep.config
+    return WorkerSettings(out=prep.store.url, dtype=cfg.dtype, threads=cfg.threads_per_worker, use_gpu=use_gpu,
+                          n_train=prep.checkpoint["n_train"], delta=prep.checkpoint["delta"],
+                          negative_term=cfg.negative_term, segment_size=prep.checkpoint["segment_size"],
+                          ggn_chunk=cfg.solver.chunk, exclude=prep.exclude, storage_options=cfg.storage_options)
+
+
+def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener) -> tuple[Directions, dict[str, Any], bool]:
+    """The saved directions when the fingerprint matches, else the curvature pass (and save them)."""
+    saved = curvature.load_directions(prep.store, prep.fingerprint)
+    if saved is not None:
+        return saved[0], saved[1], True
+    cfg = prep.config
+    spec = QuerySpec(names=tuple(cfg.queries), val=tuple(prep.val), test=tuple(prep.test), test_spec=cfg.test,
+                     classes=cfg.classes)
+    queries = curvature.query_gradients(pool, spec)
+    planner = CurvaturePlanner(prep.shards, cfg.curvature_segments, cfg.curvature_shards, cfg.curvature_seed)
+    space = curvature.SolveSpace(dim=prep.checkpoint["dim"], delta=prep.checkpoint["delta"],
+                                 dtype=getattr(torch, cfg.dtype))
+    directions, sample = curvature.solve(pool, planner, queries, space, cfg.solver_settings(), emit)
+    extra = {"curvature": {**sample.describe(), "seed": cfg.curvature_seed},
+             "queries": {name: {"examples": queries.pairs[name], "loss": float(loss)}
+                         for name, loss in zip(queries.names, queries.losses)},
+             "query_input_errors": len(queries.errors)}
+    curvature.save_directions(prep.store, directions, prep.fingerprint, extra)
+    meta = curvature.load_directions(prep.store, prep.fingerprint)
+    assert meta is not None, "directions were just saved"
+    return directions, meta[1], False
+
+
+def job_factory(prep: Prepared, directions: Directions, meta: dict[str, Any]):
+    file_lineage = lineage(prep, directions, meta)
+
+    def make(shard: Shard, attempt: int) -> ShardJob:
+        return ShardJob(shard=shard, run_id=prep.run_id, fingerprint=prep.fingerprint, attempt=attempt,
+                        queries=tuple(directions.names), lineage=file_lineage, top_k=prep.config.top_k)
+
+    return make
+
+
+def failure_writer(prep: Prepared, directions: Directions, meta: dict[str, Any]):
+    """Record a shard that failed every attempt as an ``errors`` row (stage 'score'); it stays uncommitted."""
+    store: RunStore = prep.store
+    file_lineage = lineage(prep, directions, meta)
+
+    def write(shard: Shard, reason: str) -> None:
+        rows = {"shard": [shard.name], "key": [""], "stage": ["score"], "error": [reason.split(":", 1)[0]],
+                "message": [f"shard {shard.name}: scoring failed {prep.config.max_attempts} times: {reason}"]}
+        store.write_table("errors", prep.run_id, shard.name, rows, file_lineage)
+
+    return write

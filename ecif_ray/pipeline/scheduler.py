@@ -1,0 +1,128 @@
+"""The scoring pass: one task per shard on the actor pool, retried elsewhere when it fails.
+
+Each task is a streaming call (``num_returns="streaming"``): the actor yields after every segment
+and once more with the shard's commit record, so the driver shows progress inside long shards
+and learns about a dead actor at its next item. On failure the shard goes back to the front of
+the queue for another actor: a dead actor is replaced first; an actor whose task raised stays in
+the pool but the retry prefers a different one. After ``max_attempts`` failures the shard is
+reported (an ``errors`` row with stage ``score``) and left uncommitted for a rerun to retry.
+Nothing a failed attempt wrote can duplicate rows: the retry rewrites the same files.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError, RayTaskError
+
+from ecif_ray.data.shards import Shard
+from ecif_ray.pipeline.events import (
+    Listener,
+    ShardCommitted,
+    ShardFailed,
+    ShardProgress,
+    ShardRetried,
+    ShardSubmitted,
+)
+from ecif_ray.pipeline.pool import WorkerPool
+from ecif_ray.pipeline.shard import SegmentDone, ShardJob
+from ecif_ray.tables.store import ShardRecord
+
+JobFactory = Callable[[Shard, int], ShardJob]
+
+
+@dataclass
+class _Attempt:
+    shard: Shard
+    attempt: int
+    actor: ActorHandle
+
+
+@dataclass
+class ScoringOutcome:
+    records: dict[str, ShardRecord] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> last failure
+    retries: int = 0
+
+
+class ShardScheduler:
+    def __init__(self, pool: WorkerPool, make_job: JobFactory, directions: ray.ObjectRef, max_attempts: int,
+                 emit: Listener, on_failure: Callable[[Shard, str], None]):
+        self.pool = pool
+        self.make_job = make_job
+        self.directions = directions
+        self.max_attempts = max_attempts
+        self.emit = emit
+        self.on_failure = on_failure
+        self.outcome = ScoringOutcome()
+        self._queue: deque[tuple[Shard, int, ActorHandle | None]] = deque()
+        self._idle: list[ActorHandle] = []
+        self._inflight: dict[ray.ObjectRefGenerator, _Attempt] = {}
+
+    def run(self, shards: Sequence[Shard]) -> ScoringOutcome:
+        self._queue.extend((shard, 1, None) for shard in shards)
+        self._idle = list(self.pool.actors)
+        while self._queue or self._inflight:
+            self._submit()
+            ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=1.0)
+            for stream in ready:
+                self._advance(stream)
+        return self.outcome
+
+    def _submit(self) -> None:
+        while self._queue and self._idle:
+            shard, attempt, avoid = self._queue.popleft()
+            others = [a for a in self._idle if a != avoid]
+            actor = (others or self._idle)[0]
+            self._idle.remove(actor)
+            stream = actor.score_shard.options(num_returns="streaming").remote(self.make_job(shard, attempt),
+                                                                                self.directions)
+            self._inflight[stream] = _Attempt(shard, attempt, actor)
+            self.emit(ShardSubmitted(shard.name, attempt, actor))
+
+    def _advance(self, stream: ray.ObjectRefGenerator) -> None:
+        attempt = self._inflight[stream]
+        try:
+            item = ray.get(next(stream))
+        except StopIteration:
+            self._finish(stream, attempt.actor)
+            self._retry(attempt, "the worker ended the shard without committing it", died=False)
+        except RayActorError as exc:
+            self._finish(stream, self.pool.replace(attempt.actor))
+            self._retry(attempt, f"worker died: {type(exc).__name__}", died=True)
+        except RayTaskError as exc:
+            self._finish(stream, attempt.actor)
+            self._retry(attempt, _task_error(exc), died=False)
+        else:
+            if isinstance(item, SegmentDone):
+                self.emit(ShardProgress(item.shard, attempt.attempt, item.segments_done, item.segments_total,
+                                        item.pairs_done))
+            else:
+                self._finish(stream, attempt.actor)
+                self.outcome.records[item.shard] = item
+                self.emit(ShardCommitted(item))
+
+    def _finish(self, stream: ray.ObjectRefGenerator, actor: ActorHandle) -> None:
+        del self._inflight[stream]
+        self._idle.append(actor)
+
+    def _retry(self, attempt: _Attempt, reason: str, died: bool) -> None:
+        name = attempt.shard.name
+        if attempt.attempt < self.max_attempts:
+            self.outcome.retries += 1
+            self._queue.appendleft((attempt.shard, attempt.attempt + 1, None if died else attempt.actor))
+            self.emit(ShardRetried(name, attempt.attempt, reason, died))
+            return
+        self.outcome.failed[name] = reason
+        self.on_failure(attempt.shard, reason)
+        self.emit(ShardFailed(name, attempt.attempt, reason))
+
+
+def _task_error(exc: RayTaskError) -> str:
+    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"

@@ -1,0 +1,147 @@
+"""Scoring one shard: read, segment, JVP-score every segment, write its tables, commit.
+
+A plain generator (no Ray): the actor streams its items to the driver, which turns them into
+progress. It yields a :class:`SegmentDone` after each segment and the shard's
+:class:`~ecif_ray.tables.store.ShardRecord` last, after the commit. Everything it writes is named
+after the shard, so running it again (a retry after a worker died) replaces, never duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.samples import ErrorRecord
+from ecif_ray.data.segments import Preprocess, Tokenizer, collate_segment, shard_segments
+from ecif_ray.data.shards import Shard
+from ecif_ray.influence.scoring import SegmentScores, score_segment
+from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.tables.store import RunStore, ShardRecord
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs to score and commit one shard (besides the directions)."""
+
+    shard: Shard
+    run_id: str
+    fingerprint: str
+    attempt: int
+    queries: tuple[str, ...]  # direction names, in row order of the directions; the first is primary
+    lineage: dict[str, Any]  # written into every file's key-value metadata
+    top_k: int = 10
+
+
+@dataclass(frozen=True)
+class SegmentDone:
+    shard: str
+    segments_done: int
+    segments_total: int
+    pairs_done: int
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    """How shards become model inputs (fixed for the whole run)."""
+
+    segment_size: int
+    preprocess: Preprocess
+    tokenizer: Tokenizer
+    exclude: ExclusionSet | None = None
+    storage_options: dict[str, Any] | None = None
+    chunk: int = 16  # directions per vmapped JVP
+
+
+def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directions: torch.Tensor,
+                store: RunStore) -> Iterator[SegmentDone | ShardRecord]:
+    """Score every good pair of the shard against ``directions`` [Q, D], write and commit its tables."""
+    start = time.perf_counter()
+    segments, errors = shard_segments(job.shard, segment_size=inputs.segment_size, exclude=inputs.exclude,
+                                      storage_options=inputs.storage_options)
+    results: list[SegmentScores] = []
+    pairs = 0
+    for done, segment in enumerate(segments, start=1):
+        batch = collate_segment(segment, inputs.preprocess, inputs.tokenizer)
+        results.append(score_segment(task, batch, directions, inputs.chunk))
+        pairs += len(batch)
+        yield SegmentDone(job.shard.name, done, len(segments), pairs)
+    yield write_shard(store, job, results, errors, time.perf_counter() - start)
+
+
+def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores], errors: Sequence[ErrorRecord],
+                seconds: float) -> ShardRecord:
+    """Write the shard's non-empty tables (pairs last), then its commit record."""
+    lineage = {**job.lineage, "attempt": job.attempt, "shard_seconds": round(seconds, 3)}
+    name = job.shard.name
+    tables = {"errors": error_rows(errors), "scores": score_rows(results, job.queries), "pairs": pair_rows(results,
+                                                                                                       job.queries)}
+    files = [store.write_table(table, job.run_id, name, rows, lineage)
+             for table, rows in tables.items() if rows["shard"]]
+    by_stage: dict[str, int] = {}
+    for e in errors:
+        by_stage[e.stage] = by_stage.get(e.stage, 0) + 1
+    record = ShardRecord(shard=name, run_id=job.run_id, fingerprint=job.fingerprint, files=files,
+                         pairs=sum(len(r) for r in results), errors=len(errors), errors_by_stage=by_stage,
+                         seconds=round(seconds, 3), attempt=job.attempt, top=top_pairs(results, job.top_k))
+    store.commit_shard(record)
+    return record
+
+
+def pair_rows(results: Sequence[SegmentScores], queries: Sequence[str]) -> dict[str, list]:
+    """``pairs`` columns: identities, CLIP score, own loss and the primary query's scores."""
+    rows: dict[str, list] = {name: [] for name in ("shard", "key", "shard_index", "segment", "caption",
+                                                   "clip_score", "loss", "query", "pos_is", "neg_is", "ecif_is")}
+    for r in results:
+        n = len(r)
+        rows["shard"] += [r.shard] * n
+        rows["key"] += r.keys
+        rows["shard_index"] += r.shard_indices
+        rows["segment"] += [r.segment] * n
+        rows["caption"] += r.captions
+        rows["clip_score"] += _floats(r.clip_score)
+        rows["loss"] += _floats(r.loss)
+        rows["query"] += [queries[0]] * n
+        rows["pos_is"] += _floats(r.pos_is[0])
+        rows["neg_is"] += _floats(r.neg_is[0])
+        rows["ecif_is"] += _floats(r.ecif_is[0])
+    return rows
+
+
+def score_rows(results: Sequence[SegmentScores], queries: Sequence[str]) -> dict[str, list]:
+    """``scores`` columns: one row per further query (all but the primary) and pair."""
+    rows: dict[str, list] = {name: [] for name in ("query", "shard", "key", "pos_is", "neg_is", "ecif_is")}
+    for q, query in enumerate(queries[1:], start=1):
+        for r in results:
+            rows["query"] += [query] * len(r)
+            rows["shard"] += [r.shard] * len(r)
+            rows["key"] += r.keys
+            rows["pos_is"] += _floats(r.pos_is[q])
+            rows["neg_is"] += _floats(r.neg_is[q])
+            rows["ecif_is"] += _floats(r.ecif_is[q])
+    return rows
+
+
+def error_rows(errors: Sequence[ErrorRecord]) -> dict[str, list]:
+    return {"shard": [e.shard for e in errors], "key": [e.key for e in errors], "stage": [e.stage for e in errors],
+            "error": [e.error for e in errors], "message": [e.message for e in errors]}
+
+
+def top_pairs(results: Sequence[SegmentScores], k: int) -> list[dict[str, Any]]:
+    """The shard's ``k`` most harmful pairs by the primary ecif_is (the driver merges them)."""
+    if k <= 0 or not results:
+        return []
+    scores = np.concatenate([r.ecif_is[0].double().numpy() for r in results])
+    where = [(r, i) for r in results for i in range(len(r))]
+    best = np.argsort(-scores, kind="stable")[:k]
+    return [{"shard": where[j][0].shard, "key": where[j][0].keys[where[j][1]],
+             "caption": where[j][0].captions[where[j][1]], "ecif_is": float(scores[j])} for j in best]
+
+
+def _floats(values: torch.Tensor) -> list[float]:
+    return values.double().tolist()

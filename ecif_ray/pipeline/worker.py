@@ -1,0 +1,162 @@
+"""The worker: one model, loaded once, serving the three kinds of work of a scoring run.
+
+``InfluenceWorker`` is a plain class; ``pipeline.pool`` turns it into a Ray actor (one per GPU, or
+one per CPU slot with a single torch thread). Keeping Ray out of it means the same object can be
+exercised in-process, and that everything crossing the Ray boundary is plain data: numpy arrays
+for vectors, dataclasses for requests and results.
+
+1. ``query_gradients``: the query gradients g' (validation loss, zero-shot task loss).
+2. ``load_curvature`` / ``ggn``: hold curvature-sample groups, answer G·V for them.
+3. ``score_shard``: stream one shard's scoring (see ``pipeline.shard``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.samples import ErrorRecord
+from ecif_ray.data.segments import PairBatch, collate_segment, load_segments, shard_segments
+from ecif_ray.data.shards import Shard
+from ecif_ray.influence.curvature import ggn_sum
+from ecif_ray.influence.queries import ValidationQuery, ZeroShotQuery, stack_queries
+from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.models.checkpoint import load_checkpoint
+from ecif_ray.pipeline.plan import CurvatureGroup, CurvatureRequest, choose_segments
+from ecif_ray.pipeline.shard import SegmentDone, ShardInputs, ShardJob, score_shard
+from ecif_ray.tables.store import RunStore, ShardRecord
+
+TEST_SEGMENT_SIZE = 256  # zero-shot loss is per image: batching only bounds memory
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The run-wide settings every worker is built with."""
+
+    out: str
+    dtype: str
+    threads: int
+    use_gpu: bool
+    n_train: int
+    delta: float
+    negative_term: str
+    segment_size: int
+    ggn_chunk: int
+    exclude: ExclusionSet | None = None
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """Which query gradients to compute, from which shards."""
+
+    names: tuple[str, ...]
+    val: tuple[Shard, ...] = ()
+    test: tuple[Shard, ...] = ()
+    test_spec: str | list[str] | None = None  # for finding classes.json next to the test shards
+    classes: str | None = None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    names: list[str]
+    gradients: np.ndarray  # [Q, D]
+    losses: np.ndarray  # [Q]
+    pairs: dict[str, int]  # examples each query was computed on
+    errors: list[ErrorRecord]  # bad samples among the query inputs (reported, not scored)
+
+
+class InfluenceWorker:
+    """Holds the model (once), the curvature groups it was given, and nothing else between calls."""
+
+    def __init__(self, checkpoint_files: dict[str, bytes], settings: WorkerSettings):
+        torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
+        self.task = _load_task(checkpoint_files, settings, self.device)
+        bundle = self.task.bundle
+        self.inputs = ShardInputs(segment_size=settings.segment_size, preprocess=bundle.preprocess,
+                                  tokenizer=bundle.tokenizer, exclude=settings.exclude,
+                                  storage_options=settings.storage_options)
+        self.store = RunStore(settings.out, settings.storage_options)
+        self.curvature: dict[int, list[PairBatch]] = {}
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device, "dim": self.task.dim,
+                "dtype": str(self.task.dtype).removeprefix("torch.")}
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def query_gradients(self, spec: QuerySpec) -> QueryResult:
+        from ecif_ray.evaluation import find_classes
+
+        parts, pairs, errors = [], {}, []
+        for name in spec.names:
+            shards = spec.val if name == "val" else spec.test
+            size = self.settings.segment_size if name == "val" else TEST_SEGMENT_SIZE
+            batches, bad = load_segments(list(shards), segment_size=size, preprocess=self.task.bundle.preprocess,
+                                         tokenizer=self.task.bundle.tokenizer,
+                                         storage_options=self.settings.storage_options)
+            if not batches:
+                raise ValueError(f"{name}: no usable samples in {[s.url for s in shards][:3]} ({len(bad)} bad)")
+            if name == "val":
+                query = ValidationQuery(batches, name="val")
+            else:
+                classes = find_classes(spec.test_spec, spec.classes, self.settings.storage_options, batches)
+                query = ZeroShotQuery(batches, classes, name="task")
+            parts.append(query.gradients(self.task))
+            pairs[name] = sum(len(b) for b in batches)
+            errors += bad
+        stacked = stack_queries(parts)
+        return QueryResult(stacked.names, _numpy(stacked.gradients), _numpy(stacked.losses), pairs, errors)
+
+    # -- curvature -----------------------------------------------------------------------------
+
+    def load_curvature(self, request: CurvatureRequest) -> CurvatureGroup:
+        """Read the shard, keep the segments the plan chooses, hold them as model inputs."""
+        segments, _ = shard_segments(request.shard, segment_size=self.settings.segment_size,
+                                     exclude=self.settings.exclude, storage_options=self.settings.storage_options)
+        chosen = choose_segments(request.shard.name, len(segments), request.quota, request.seed)
+        batches = [collate_segment(segments[i], self.inputs.preprocess, self.inputs.tokenizer) for i in chosen]
+        self.curvature[request.group] = batches
+        return CurvatureGroup(group=request.group, shard=request.shard.name,
+                              segments=tuple(segments[i].index for i in chosen),
+                              pairs=sum(len(b) for b in batches), shard_segments=len(segments))
+
+    def ggn(self, groups: list[int], vectors: np.ndarray) -> list[np.ndarray]:
+        """Σ_{m ∈ group} J_mᵀ Λ_m J_m V for each requested group (unnormalised, in request order)."""
+        V = torch.tensor(vectors, device=self.task.device, dtype=self.task.dtype)  # a copy: Ray's arrays are read-only
+        return [_numpy(ggn_sum(self.task, self.curvature[g], V, self.settings.ggn_chunk)) for g in groups]
+
+    def drop_curvature(self) -> None:
+        self.curvature.clear()
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def score_shard(self, job: ShardJob, directions: np.ndarray) -> Iterator[SegmentDone | ShardRecord]:
+        vectors = torch.tensor(directions, device=self.task.device, dtype=self.task.dtype)
+        yield from score_shard(self.task, self.inputs, job, vectors, self.store)
+
+
+def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -> InfluenceTask:
+    """Materialise the checkpoint the driver shipped (no shared filesystem needed), load it once."""
+    with tempfile.TemporaryDirectory(prefix="ecif-ckpt-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        ckpt = load_checkpoint(tmp, device=device)
+    ckpt.model.to(getattr(torch, settings.dtype))
+    return InfluenceTask.from_checkpoint(ckpt, n_train=settings.n_train, negative_term=settings.negative_term,
+                                         delta=settings.delta)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
