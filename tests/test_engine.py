@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from ecif_ray.data.segments import load_segments
+from ecif_ray.evaluation import find_classes
 from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import SolverSettings, local_matvec, solve_directions
 from ecif_ray.influence.queries import ValidationQuery, ZeroShotQuery
 from ecif_ray.influence.scoring import score_segment
 from ecif_ray.influence.solvers import dense_solve
 from ecif_ray.influence.task import InfluenceTask
-from ecif_ray.evaluation import find_classes
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.models.subsets import ParamSubset
 

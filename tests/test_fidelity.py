@@ -67,7 +67,7 @@ def test_predicted_is_tracks_leave_one_out_and_leave_group_out_retraining(experi
         ecif = np.array([sum(sum(scores[k]) for k in s) for s in sets])
         pos_only = np.array([sum(scores[k][0] for k in s) for s in sets])
         results[name] = (agreement(actual, ecif), agreement(actual, pos_only))
-    for name, (ecif, pos_only) in results.items():
+    for name, (ecif, _) in results.items():
         assert ecif["spearman"] >= 0.9, (name, ecif)
         assert 0.7 <= ecif["slope"] <= 1.3, (name, ecif)
     # The classical pointwise IF (positive role only) ranks leave-one-out effects worse.

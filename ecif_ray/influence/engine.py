@@ -1,0 +1,132 @@
+"""A small, notebook-friendly front end to the single-process engine.
+
+    engine = ECIF.from_checkpoint("ft", train="corpus/train")
+    directions = engine.solve(ValidationQuery(engine.load("corpus/val")))
+    scores = engine.score(engine.train_batches, directions)       # pyarrow.Table, one row per pair×query
+    duckdb.sql("SELECT key, ecif_is FROM scores ORDER BY ecif_is DESC LIMIT 10")
+
+The distributed pipeline (ecif_ray.pipeline) runs the same pieces (task, queries, curvature,
+scoring) on Ray actors; this class is the in-process reference and the quickest way to explore.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+
+from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.segments import PairBatch, load_segments
+from ecif_ray.evaluation import ClassSet
+from ecif_ray.influence.contrastive import NegativeTerm
+from ecif_ray.influence.curvature import DEFAULT_SOLVER, Directions, SolverSettings, local_matvec, solve_directions
+from ecif_ray.influence.edit import Edit, edit
+from ecif_ray.influence.queries import ExampleQuery, QueryGradients, stack_queries
+from ecif_ray.influence.scoring import SegmentScores, score_segment
+from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
+from ecif_ray.models.checkpoint import load_checkpoint
+
+SCORE_COLUMNS = pa.schema([
+    ("shard", pa.string()), ("key", pa.string()), ("shard_index", pa.int64()), ("segment", pa.int32()),
+    ("caption", pa.string()), ("clip_score", pa.float64()), ("loss", pa.float64()), ("query", pa.string()),
+    ("pos_is", pa.float64()), ("neg_is", pa.float64()), ("ecif_is", pa.float64()),
+])
+
+
+def sample_segments(batches: list[PairBatch], count: int, seed: int = 0) -> list[PairBatch]:
+    """A fixed, seeded curvature sample (its size independent of corpus size)."""
+    if count >= len(batches):
+        return list(batches)
+    chosen = sorted(random.Random(seed).sample(range(len(batches)), count))
+    return [batches[i] for i in chosen]
+
+
+def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.Table:
+    """Long format: one row per (pair, query). Positive ecif_is = removing the pair lowers that
+    query's loss = harmful."""
+    columns: dict[str, list] = {name: [] for name in SCORE_COLUMNS.names}
+    for seg in scores:
+        for q, query in enumerate(query_names):
+            columns["shard"] += [seg.shard] * len(seg)
+            columns["key"] += seg.keys
+            columns["shard_index"] += seg.shard_indices
+            columns["segment"] += [seg.segment] * len(seg)
+            columns["caption"] += seg.captions
+            columns["clip_score"] += seg.clip_score.tolist()
+            columns["loss"] += seg.loss.tolist()
+            columns["query"] += [query] * len(seg)
+            columns["pos_is"] += seg.pos_is[q].tolist()
+            columns["neg_is"] += seg.neg_is[q].tolist()
+            columns["ecif_is"] += seg.ecif_is[q].tolist()
+    return pa.table(columns, schema=SCORE_COLUMNS)
+
+
+@dataclass
+class ECIF:
+    task: InfluenceTask
+    curvature: list[PairBatch]
+    solver: SolverSettings = DEFAULT_SOLVER
+    train_batches: list[PairBatch] = field(default_factory=list)
+    segment_size: int = 32
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str, train: str | list[str], *, curvature_segments: int = 32,
+                        negative_term: NegativeTerm = "exact", solver: SolverSettings = DEFAULT_SOLVER,
+                        device: str = "cpu", storage_options: dict | None = None) -> ECIF:
+        """Load θ̂ and the training segments (in memory: for corpora that fit; use the pipeline beyond)."""
+        checkpoint = load_checkpoint(ckpt, device)
+        batches, _ = load_segments(train, segment_size=checkpoint.meta.segment_size,
+                                   preprocess=checkpoint.bundle.preprocess, tokenizer=checkpoint.bundle.tokenizer,
+                                   storage_options=storage_options)
+        n_train = int(checkpoint.meta.training.get("n_pairs") or sum(len(b) for b in batches))
+        task = InfluenceTask.from_checkpoint(checkpoint, n_train, negative_term)
+        return cls(task, sample_segments(batches, curvature_segments, solver.seed), solver, batches,
+                   checkpoint.meta.segment_size)
+
+    def load(self, spec: str | list[str], segment_size: int | None = None) -> list[PairBatch]:
+        """Segments of another pair set (validation, test) with this model's preprocessing."""
+        bundle = self.task.bundle
+        batches, _ = load_segments(spec, segment_size=segment_size or self.segment_size,
+                                   preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+        return batches
+
+    def solve(self, *queries) -> Directions:
+        """One iHVP per query direction, solved together."""
+        grads: QueryGradients = stack_queries([q.gradients(self.task) for q in queries])
+        return solve_directions(self.task, grads, local_matvec(self.task, self.curvature, self.solver.chunk),
+                                self.solver)
+
+    def score(self, batches: list[PairBatch], directions: Directions) -> pa.Table:
+        return scores_to_arrow([score_segment(self.task, b, directions.vectors) for b in batches], directions.names)
+
+    def trace(self, test_batches: list[PairBatch], classes: ClassSet, *, top_k: int = 10,
+              max_examples: int | None = 20, rank: int = 128) -> pa.Table:
+        """Top-k training pairs by relative-IS for each mispredicted test example."""
+        wrong = mispredicted(self.task, test_batches, classes, max_examples)
+        if not wrong:
+            return pa.Table.from_pylist([], schema=TRACE_COLUMNS)
+        directions = self.solve(ExampleQuery(wrong, classes))
+        basis = curvature_basis(self.task, local_matvec(self.task, self.curvature, self.solver.chunk), rank,
+                                self.solver.seed)
+        top = TopK(directions.names, top_k)
+        for batch in self.train_batches:
+            top.add(batch, trace_segment(self.task, batch, directions.vectors, basis))
+        return pa.Table.from_pylist(top.rows(), schema=TRACE_COLUMNS)
+
+    def edit(self, removed: ExclusionSet) -> Edit:
+        return edit(self.task, self.train_batches, removed, local_matvec(self.task, self.curvature), self.solver)
+
+    def apply_edit(self, change: Edit) -> None:
+        """Write θ̃ = θ̂ + Δθ into the model (save it with models.checkpoint.save_checkpoint)."""
+        with torch.no_grad():
+            for name, p in self.task.subset.trainable(self.task.bundle.model).items():
+                p.add_(change.delta_theta[name].to(p))  # task.params share storage: θ̂ becomes θ̃
+
+
+TRACE_COLUMNS = pa.schema([
+    ("query_id", pa.string()), ("rank", pa.int32()), ("shard", pa.string()), ("key", pa.string()),
+    ("relative_is", pa.float64()), ("ecif_is", pa.float64()),
+])
