@@ -150,6 +150,28 @@ def collate_segment(segment: Segment, preprocess: Preprocess, tokenizer: Tokeniz
     )
 
 
+def iter_segments(
+    spec: ShardSpec | Sequence[Shard],
+    *,
+    segment_size: int,
+    preprocess: Preprocess,
+    tokenizer: Tokenizer,
+    exclude: ExclusionSet | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    errors: list[ErrorRecord] | None = None,
+) -> Iterator[PairBatch]:
+    """Stream collated segments shard by shard (one shard in memory at a time); bad inputs are
+    appended to ``errors`` when given."""
+    for shard in _as_shards(spec, storage_options):
+        segments, shard_errors = shard_segments(
+            shard, segment_size=segment_size, exclude=exclude, storage_options=storage_options
+        )
+        if errors is not None:
+            errors.extend(shard_errors)
+        for segment in segments:
+            yield collate_segment(segment, preprocess, tokenizer)
+
+
 def load_segments(
     spec: ShardSpec | Sequence[Shard],
     *,
@@ -166,15 +188,9 @@ def load_segments(
     """
     if segment_size < 1:
         raise ValueError(f"segment size must be >= 1, got {segment_size}")
-    shards = _as_shards(spec, storage_options)
-    batches: list[PairBatch] = []
     errors: list[ErrorRecord] = []
-    for shard in shards:
-        segments, shard_errors = shard_segments(
-            shard, segment_size=segment_size, exclude=exclude, storage_options=storage_options
-        )
-        batches.extend(collate_segment(segment, preprocess, tokenizer) for segment in segments)
-        errors.extend(shard_errors)
+    batches = list(iter_segments(spec, segment_size=segment_size, preprocess=preprocess, tokenizer=tokenizer,
+                                 exclude=exclude, storage_options=storage_options, errors=errors))
     return batches, errors
 
 

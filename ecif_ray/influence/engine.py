@@ -12,6 +12,7 @@ scoring) on Ray actors; this class is the in-process reference and the quickest 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -103,8 +104,10 @@ class ECIF:
         return scores_to_arrow([score_segment(self.task, b, directions.vectors) for b in batches], directions.names)
 
     def trace(self, test_batches: list[PairBatch], classes: ClassSet, *, top_k: int = 10,
-              max_examples: int | None = 20, rank: int = 128) -> pa.Table:
-        """Top-k training pairs by relative-IS for each mispredicted test example."""
+              max_examples: int | None = 20, rank: int = 128,
+              train_batches: Iterable[PairBatch] | None = None) -> pa.Table:
+        """Top-k training pairs by relative-IS for each mispredicted test example; the training
+        segments may be streamed (default: the ones held in memory)."""
         wrong = mispredicted(self.task, test_batches, classes, max_examples)
         if not wrong:
             return pa.Table.from_pylist([], schema=TRACE_COLUMNS)
@@ -112,7 +115,7 @@ class ECIF:
         basis = curvature_basis(self.task, local_matvec(self.task, self.curvature, self.solver.chunk), rank,
                                 self.solver.seed)
         top = TopK(directions.names, top_k)
-        for batch in self.train_batches:
+        for batch in self.train_batches if train_batches is None else train_batches:
             top.add(batch, trace_segment(self.task, batch, directions.vectors, basis))
         return pa.Table.from_pylist(top.rows(), schema=TRACE_COLUMNS)
 
