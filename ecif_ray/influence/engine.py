@@ -29,12 +29,7 @@ from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
-
-SCORE_COLUMNS = pa.schema([
-    ("shard", pa.string()), ("key", pa.string()), ("shard_index", pa.int64()), ("segment", pa.int32()),
-    ("caption", pa.string()), ("clip_score", pa.float64()), ("loss", pa.float64()), ("query", pa.string()),
-    ("pos_is", pa.float64()), ("neg_is", pa.float64()), ("ecif_is", pa.float64()),
-])
+from ecif_ray.tables.schema import PAIRS, TRACE, conform
 
 
 def sample_segments(batches: list[PairBatch], count: int, seed: int = 0) -> list[PairBatch]:
@@ -46,9 +41,9 @@ def sample_segments(batches: list[PairBatch], count: int, seed: int = 0) -> list
 
 
 def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.Table:
-    """Long format: one row per (pair, query). Positive ecif_is = removing the pair lowers that
-    query's loss = harmful."""
-    columns: dict[str, list] = {name: [] for name in SCORE_COLUMNS.names}
+    """The ``pairs`` schema in long format: one row per (pair, query). Positive ecif_is =
+    removing the pair lowers that query's loss = harmful."""
+    columns: dict[str, list] = {name: [] for name in PAIRS.names}
     for seg in scores:
         for q, query in enumerate(query_names):
             columns["shard"] += [seg.shard] * len(seg)
@@ -62,7 +57,7 @@ def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.T
             columns["pos_is"] += seg.pos_is[q].tolist()
             columns["neg_is"] += seg.neg_is[q].tolist()
             columns["ecif_is"] += seg.ecif_is[q].tolist()
-    return pa.table(columns, schema=SCORE_COLUMNS)
+    return conform("pairs", columns)
 
 
 @dataclass
@@ -110,14 +105,14 @@ class ECIF:
         segments may be streamed (default: the ones held in memory)."""
         wrong = mispredicted(self.task, test_batches, classes, max_examples)
         if not wrong:
-            return pa.Table.from_pylist([], schema=TRACE_COLUMNS)
+            return TRACE.empty_table()
         directions = self.solve(ExampleQuery(wrong, classes))
         basis = curvature_basis(self.task, local_matvec(self.task, self.curvature, self.solver.chunk), rank,
                                 self.solver.seed)
         top = TopK(directions.names, top_k)
         for batch in self.train_batches if train_batches is None else train_batches:
             top.add(batch, trace_segment(self.task, batch, directions.vectors, basis))
-        return pa.Table.from_pylist(top.rows(), schema=TRACE_COLUMNS)
+        return conform("trace", pa.Table.from_pylist(top.rows()))
 
     def edit(self, removed: ExclusionSet) -> Edit:
         return edit(self.task, self.train_batches, removed, local_matvec(self.task, self.curvature), self.solver)
@@ -128,8 +123,3 @@ class ECIF:
             for name, p in self.task.subset.trainable(self.task.bundle.model).items():
                 p.add_(change.delta_theta[name].to(p))  # task.params share storage: θ̂ becomes θ̃
 
-
-TRACE_COLUMNS = pa.schema([
-    ("query_id", pa.string()), ("rank", pa.int32()), ("shard", pa.string()), ("key", pa.string()),
-    ("relative_is", pa.float64()), ("ecif_is", pa.float64()),
-])
