@@ -26,15 +26,11 @@ from ecif_ray.data.corpus import CorpusSpec, build_corpus
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import load_segments
 from ecif_ray.evaluation import find_classes, labels_of
-from ecif_ray.fidelity import LeaveOut, agreement
-from ecif_ray.influence.curvature import SolverSettings, local_matvec, solve_directions
+from ecif_ray.fidelity import LeaveOut, agreement, fitted_experiment
+from ecif_ray.influence.curvature import SolverSettings, local_matvec
 from ecif_ray.influence.edit import edit
-from ecif_ray.influence.queries import ValidationQuery, zero_shot_logits
-from ecif_ray.influence.scoring import score_segment
-from ecif_ray.influence.task import InfluenceTask
-from ecif_ray.models.checkpoint import load_checkpoint
-from ecif_ray.models.subsets import ParamSubset
-from ecif_ray.training import FitSettings, TrainConfig, fit, train
+from ecif_ray.influence.queries import zero_shot_logits
+from ecif_ray.training import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,38 +45,17 @@ def prepare(workdir: Path, train_size: int) -> Path:
 
 
 def run_subset(workdir: Path, corpus: Path, kind: str, delta: float, singles: int, groups: int, seed: int) -> dict:
-    ckpt = load_checkpoint(workdir / "pre")
-    subset = ParamSubset(kind=kind)
-    subset.apply(ckpt.model)
-    ckpt.model.double()
-    load = {"preprocess": ckpt.bundle.preprocess, "tokenizer": ckpt.bundle.tokenizer, "segment_size": 16}
-    batches, _ = load_segments(str(corpus / "train"), **load)
-    val, _ = load_segments(str(corpus / "val"), **load)
-    for b in batches + val:
-        b.images = b.images.double()
-    anchor = subset.initial_anchor(ckpt.model)
-    settings = FitSettings(delta=delta, logit_scale=ckpt.meta.logit_scale, epochs=40, lr=1.0, optimizer="lbfgs",
-                           progress=False)
-    fit(ckpt.bundle, subset.trainable(ckpt.model), anchor, batches, settings)
-    task = InfluenceTask(bundle=ckpt.bundle, subset=subset, logit_scale=ckpt.meta.logit_scale, delta=delta,
-                         n_train=sum(len(b) for b in batches))
-    query = ValidationQuery(val)
     t0 = time.perf_counter()
-    directions = solve_directions(task, query.gradients(task), local_matvec(task, batches),
-                                  SolverSettings(tol=1e-10, max_iter=1000))
-    scores = {}
-    for batch in batches:
-        s = score_segment(task, batch, directions.vectors)
-        for i, key in enumerate(s.keys):
-            scores[key] = (float(s.pos_is[0, i]), float(s.neg_is[0, i]))
-    scoring_s = time.perf_counter() - t0
-    leave_out = LeaveOut(task, anchor, batches, query, settings)
+    fitted = fitted_experiment(str(workdir / "pre"), str(corpus), kind, delta)
+    fit_and_score_s = time.perf_counter() - t0
+    leave_out, scores, load = fitted.leave_out, fitted.scores, fitted.load
+    task = leave_out.task
     rng = random.Random(seed)
     keys = sorted(scores)
     sets = {"single": [[k] for k in rng.sample(keys, singles)],
             "group-5%": [rng.sample(keys, round(0.05 * len(keys))) for _ in range(groups)]}
     out: dict = {"subset": kind, "delta": delta, "n_train": task.n_train, "dim": task.dim,
-                 "cg_iterations": directions.iterations, "scoring_seconds": scoring_s}
+                 "cg_iterations": fitted.cg_iterations, "fit_and_score_seconds": fit_and_score_s}
     t0 = time.perf_counter()
     for name, chosen in sets.items():
         actual = np.array([leave_out.actual_change(ExclusionSet.from_entries((None, k) for k in s)) for s in chosen])

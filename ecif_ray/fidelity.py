@@ -15,9 +15,13 @@ import torch
 from scipy.stats import spearmanr
 
 from ecif_ray.data.exclusions import ExclusionSet
-from ecif_ray.data.segments import PairBatch
+from ecif_ray.data.segments import PairBatch, load_segments
+from ecif_ray.influence.curvature import SolverSettings, local_matvec, solve_directions
 from ecif_ray.influence.queries import ValidationQuery
+from ecif_ray.influence.scoring import score_segment
 from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.models.checkpoint import load_checkpoint
+from ecif_ray.models.subsets import ParamSubset
 from ecif_ray.training import FitSettings, fit
 
 
@@ -54,6 +58,46 @@ class LeaveOut:
         refitted = self.refit(removed)
         with torch.no_grad():
             return self.base_loss - float(self.query.loss(self.task, refitted))
+
+
+@dataclass
+class Experiment:
+    leave_out: LeaveOut
+    scores: dict[str, tuple[float, float]]  # key -> (pos_is, neg_is) against the validation query
+    load: dict                              # segment loading arguments (preprocess, tokenizer, size)
+    cg_iterations: int
+
+
+def fitted_experiment(ckpt: str, corpus: str, kind: str, delta: float, segment_size: int = 16) -> Experiment:
+    """Fit θ̂ for ``kind`` on ``corpus/train`` from a pretrained checkpoint (float64, L-BFGS to a
+    tight optimum) and score every training pair against ``corpus/val``."""
+    checkpoint = load_checkpoint(ckpt)
+    subset = ParamSubset(kind=kind)
+    subset.apply(checkpoint.model)
+    checkpoint.model.double()
+    load = {"preprocess": checkpoint.bundle.preprocess, "tokenizer": checkpoint.bundle.tokenizer,
+            "segment_size": segment_size}
+    batches, _ = load_segments(f"{corpus}/train", **load)
+    val, _ = load_segments(f"{corpus}/val", **load)
+    for b in batches + val:
+        b.images = b.images.double()
+    anchor = subset.initial_anchor(checkpoint.model)
+    settings = FitSettings(delta=delta, logit_scale=checkpoint.meta.logit_scale, epochs=40, lr=1.0,
+                           optimizer="lbfgs", progress=False)
+    fit(checkpoint.bundle, subset.trainable(checkpoint.model), anchor, batches, settings)
+    task = InfluenceTask(bundle=checkpoint.bundle, subset=subset, logit_scale=checkpoint.meta.logit_scale,
+                         delta=delta, n_train=sum(len(b) for b in batches))
+    query = ValidationQuery(val)
+    directions = solve_directions(task, query.gradients(task), local_matvec(task, batches),
+                                  SolverSettings(tol=1e-10, max_iter=1000))
+    if not directions.converged:
+        raise RuntimeError(f"CG did not converge (residual {directions.relative_residual.tolist()})")
+    scores = {}
+    for batch in batches:
+        s = score_segment(task, batch, directions.vectors)
+        for i, key in enumerate(s.keys):
+            scores[key] = (float(s.pos_is[0, i]), float(s.neg_is[0, i]))
+    return Experiment(LeaveOut(task, anchor, batches, query, settings), scores, load, directions.iterations)
 
 
 def agreement(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

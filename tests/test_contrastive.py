@@ -28,14 +28,6 @@ F64 = torch.float64
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    """These problems are tiny and latency-bound: on a loaded CPU, OpenMP threads spinning for
-    cores make each op ~100x slower, so pin one intra-op thread for the test and restore it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

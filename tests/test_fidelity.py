@@ -11,48 +11,16 @@ import pytest
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
-from ecif_ray.data.segments import load_segments
-from ecif_ray.fidelity import LeaveOut, agreement
-from ecif_ray.influence.curvature import SolverSettings, local_matvec, solve_directions
-from ecif_ray.influence.queries import ValidationQuery
-from ecif_ray.influence.scoring import score_segment
-from ecif_ray.influence.task import InfluenceTask
-from ecif_ray.models.checkpoint import load_checkpoint
-from ecif_ray.models.subsets import ParamSubset
-from ecif_ray.training import FitSettings, fit
+from ecif_ray.fidelity import agreement, fitted_experiment
+from ecif_ray.influence.curvature import SolverSettings, local_matvec
 
 DELTA = 1.0  # strong enough that L-BFGS reaches θ̂ to ‖∇R‖ ≈ 1e-8 within seconds
 
 
 @pytest.fixture(scope="module")
 def experiment(digits_corpus, micro_pretrained):
-    ckpt = load_checkpoint(micro_pretrained)
-    subset = ParamSubset(kind="heads")
-    subset.apply(ckpt.model)
-    ckpt.model.double()
-    load = {"preprocess": ckpt.bundle.preprocess, "tokenizer": ckpt.bundle.tokenizer, "segment_size": 16}
-    batches, _ = load_segments(str(digits_corpus / "train"), **load)
-    val, _ = load_segments(str(digits_corpus / "val"), **load)
-    for b in batches + val:
-        b.images = b.images.double()
-    anchor = subset.initial_anchor(ckpt.model)
-    settings = FitSettings(delta=DELTA, logit_scale=ckpt.meta.logit_scale, epochs=40, lr=1.0, optimizer="lbfgs",
-                           progress=False)
-    history = fit(ckpt.bundle, subset.trainable(ckpt.model), anchor, batches, settings)
-    assert history[-1] < history[0]  # fine-tuning moved θ away from the anchor
-    n = sum(len(b) for b in batches)
-    task = InfluenceTask(bundle=ckpt.bundle, subset=subset, logit_scale=ckpt.meta.logit_scale, delta=DELTA,
-                         n_train=n)
-    query = ValidationQuery(val)
-    directions = solve_directions(task, query.gradients(task), local_matvec(task, batches),
-                                  SolverSettings(tol=1e-10, max_iter=500))
-    assert directions.converged
-    scores = {}
-    for batch in batches:
-        s = score_segment(task, batch, directions.vectors)
-        for i, key in enumerate(s.keys):
-            scores[key] = (float(s.pos_is[0, i]), float(s.neg_is[0, i]))
-    return LeaveOut(task, anchor, batches, query, settings), scores
+    fitted = fitted_experiment(str(micro_pretrained), str(digits_corpus), "heads", DELTA)
+    return fitted.leave_out, fitted.scores
 
 
 def test_predicted_is_tracks_leave_one_out_and_leave_group_out_retraining(experiment):
