@@ -26,21 +26,33 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings
+
 QueryName = Literal["val", "task"]
 DType = Literal["float32", "float64"]
 
 
 class SolverConfig(BaseModel):
-    """CG settings of the iHVP solve (mirrors ``influence.curvature.SolverSettings``)."""
+    """CG settings of the iHVP solve; defaults are the engine's (``influence.curvature.DEFAULT_SOLVER``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tol: float = Field(1e-6, gt=0, lt=1, description="relative residual ‖b − (G+δI)x‖/‖b‖ to reach")
-    max_iter: int = Field(200, ge=1, description="CG iterations at most")
-    preconditioner: Literal["none", "nystrom"] = "none"
-    nystrom_rank: int = Field(64, ge=1, description="rank of the randomized Nyström preconditioner")
-    seed: int = Field(0, ge=0, description="seed of the Nyström sketch")
-    chunk: int = Field(32, ge=1, description="vectors per vmapped JVP/VJP (bounds worker memory)")
+    tol: float = Field(DEFAULT_SOLVER.tol, gt=0, lt=1, description="relative residual ‖b − (G+δI)x‖/‖b‖ to reach")
+    max_iter: int = Field(DEFAULT_SOLVER.max_iter, ge=1, description="CG iterations at most")
+    preconditioner: Literal["none", "nystrom"] = DEFAULT_SOLVER.preconditioner
+    nystrom_rank: int = Field(DEFAULT_SOLVER.nystrom_rank, ge=1, description="rank of the Nyström preconditioner")
+    seed: int = Field(DEFAULT_SOLVER.seed, ge=0, description="seed of the Nyström sketch")
+    chunk: int = Field(DEFAULT_SOLVER.chunk, ge=1, description="vectors per vmapped JVP/VJP (bounds worker memory)")
+
+
+class TraceConfig(BaseModel):
+    """Misprediction trace-back: the training pairs behind the model's mistakes on ``test`` (relative-IS)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: int = Field(20, ge=1, description="mispredicted test examples to trace back, at most (in shard order)")
+    top_k: int = Field(10, ge=1, description="training pairs kept per example")
+    rank: int = Field(128, ge=1, description="rank of G's eigenbasis used for ‖Δθ₋ₙ‖")
 
 
 class ScoreConfig(BaseModel):
@@ -72,6 +84,7 @@ class ScoreConfig(BaseModel):
     curvature_shards: int = Field(8, ge=1, description="shards the curvature sample is spread over")
     curvature_seed: int = Field(0, ge=0, description="seed of the curvature sample")
     solver: SolverConfig = Field(default_factory=SolverConfig)
+    trace: TraceConfig | None = Field(None, description="also fill the trace table (needs test)")
     dtype: DType = Field("float64", description="float64 (exact, CPU) or float32 (GPU-scale runs)")
 
     # -- how the run is executed -------------------------------------------------------------
@@ -118,6 +131,8 @@ class ScoreConfig(BaseModel):
             raise ValueError("the 'val' query needs val: validation shards (or set queries: [task])")
         if "task" in self.queries and self.test is None:
             raise ValueError("the 'task' query needs test: labelled test shards")
+        if self.trace is not None and self.test is None:
+            raise ValueError("trace needs test: labelled test shards whose mistakes are traced back")
         return self
 
     # -- loading -----------------------------------------------------------------------------
@@ -129,18 +144,16 @@ class ScoreConfig(BaseModel):
         for key, value in (overrides or {}).items():
             if value is None:
                 continue
-            if key == "solver":
-                data["solver"] = {**(data.get("solver") or {}), **value}
+            if key in ("solver", "trace") and isinstance(value, dict):
+                data[key] = {**(data.get(key) or {}), **value}
             else:
                 data[key] = value
         return cls.model_validate(data)
 
     # -- identity ----------------------------------------------------------------------------
 
-    def solver_settings(self):
+    def solver_settings(self) -> SolverSettings:
         """The engine's ``SolverSettings`` for this config."""
-        from ecif_ray.influence.curvature import SolverSettings
-
         return SolverSettings(**self.solver.model_dump())
 
     def score_inputs(self) -> dict[str, Any]:
@@ -149,6 +162,7 @@ class ScoreConfig(BaseModel):
                 "curvature_segments", "curvature_shards", "curvature_seed", "dtype")
         inputs = {name: getattr(self, name) for name in keep}
         inputs["solver"] = self.solver.model_dump()
+        inputs["trace"] = None if self.trace is None else self.trace.model_dump()
         return inputs
 
     def public_dump(self) -> dict[str, Any]:

@@ -195,3 +195,82 @@ def _single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray, a fine-tuned checkpoint to score with, and one scored run shared by the pipeline tests
+
+
+@pytest.fixture(scope="session")
+def ray_auth_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Token authentication stays on (Ray 2.60's default), with the token in a temp file instead of
+    ~/.ray/auth_token. Every Ray process the tests start (local cluster, `ray start`, job drivers)
+    inherits RAY_AUTH_TOKEN_PATH; ray.init()/`ray start` then turn token mode on by themselves."""
+    import secrets
+
+    path = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+        mp.delenv("RAY_AUTH_TOKEN", raising=False)
+        yield path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_auth_token: Path) -> Iterator[str]:
+    """One local Ray cluster for the whole session (ray.init costs ~10 s here); yields its address.
+    Four logical CPUs: two single-threaded workers, plus room for replacements and a second driver."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def heads_ckpt(digits_corpus: Path, micro_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """micro_pretrained with its projection heads fine-tuned on the noisy train split (δ = 1e-2)."""
+    from ecif_ray.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "heads"
+    return train(TrainConfig(train=str(digits_corpus / "train"), init=str(micro_pretrained), params={"kind": "heads"},
+                             segment_size=16, epochs=2, delta=1e-2, out=str(out), progress=False))
+
+
+@pytest.fixture(scope="session")
+def score_config(heads_ckpt: Path, digits_corpus: Path):
+    """``make(out, **fields)``: a ScoreConfig with test-sized settings (4-segment curvature sample,
+    Nyström-preconditioned CG, no progress bars); keyword arguments override any field."""
+    from ecif_ray.config import ScoreConfig
+
+    def make(out: str | Path, **fields: Any) -> ScoreConfig:
+        defaults: dict[str, Any] = dict(ckpt=str(heads_ckpt), train=str(digits_corpus / "train"),
+                                        val=str(digits_corpus / "val"), out=str(out), workers=2,
+                                        curvature_segments=4, progress=False,
+                                        solver={"preconditioner": "nystrom", "nystrom_rank": 128})
+        return ScoreConfig(**{**defaults, **fields})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def scored_config(score_config, digits_corpus: Path):
+    """``make(out, **fields)``: the config of ``scored_run`` (val and task queries, trace-back of four
+    mispredicted test examples), for reruns of it."""
+
+    def make(out: str | Path, **fields: Any):
+        defaults = {"queries": ["val", "task"], "test": str(digits_corpus / "test"),
+                    "trace": {"examples": 4, "top_k": 3, "rank": 64}}
+        return score_config(out, **{**defaults, **fields})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def scored_run(ray_cluster: str, scored_config, tmp_path_factory: pytest.TempPathFactory):
+    """The digits train split scored by two workers (see ``scored_config``)."""
+    from ecif_ray.pipeline import run_score
+
+    return run_score(scored_config(tmp_path_factory.mktemp("runs") / "two-workers"))

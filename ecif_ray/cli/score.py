@@ -40,10 +40,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--curvature-segments", type=int, help="segments in the curvature sample (default 64)")
     p.add_argument("--curvature-shards", type=int, help="shards the sample is spread over (default 8)")
     p.add_argument("--curvature-seed", type=int)
-    p.add_argument("--tol", type=float, help="CG relative residual (default 1e-6)")
-    p.add_argument("--max-iter", type=int, help="CG iterations at most (default 200)")
-    p.add_argument("--preconditioner", choices=["none", "nystrom"])
+    p.add_argument("--tol", type=float, help="CG relative residual (default: the engine's, 1e-5)")
+    p.add_argument("--max-iter", type=int, help="CG iterations at most (default: the engine's)")
+    p.add_argument("--preconditioner", choices=["none", "nystrom"], help="default: the engine's (nystrom)")
     p.add_argument("--nystrom-rank", type=int)
+    p.add_argument("--trace", type=int, metavar="N",
+                   help="also trace back up to N mispredicted --test examples (trace table; top --trace-top-k)")
+    p.add_argument("--trace-top-k", type=int, help="training pairs kept per traced example (default 10)")
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--address", help="Ray cluster to join ('auto', host:port, ray://...); default: RAY_ADDRESS or "
                                      "a new local cluster")
@@ -71,10 +74,13 @@ def config_from(args: argparse.Namespace):
     solver = {name: getattr(args, name) for name in _SOLVER_FLAGS if getattr(args, name) is not None}
     if solver:
         overrides["solver"] = solver
+    trace = {"examples": args.trace, "top_k": args.trace_top_k}
+    if any(v is not None for v in trace.values()):
+        overrides["trace"] = {k: v for k, v in trace.items() if v is not None}
     if args.no_progress:
         overrides["progress"] = False
     if args.config is None and (args.ckpt is None or args.train is None or args.out is None):
-        raise ValueError("give --config YAML, or at least --ckpt, --train, --val and --out")
+        raise ValueError("give --config YAML, or at least --ckpt, --train and --out (and --val for the 'val' query)")
     return ScoreConfig.load(args.config, overrides)
 
 

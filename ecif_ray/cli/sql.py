@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from typing import Any
 
@@ -34,6 +35,9 @@ def _run_sql(args: argparse.Namespace) -> int:
     from ecif_ray.tables.views import connect
 
     con = connect(args.run_dir, args.storage_options)
+    for run_id, status in con.sql("SELECT run_id, status FROM runs WHERE status <> 'complete'").fetchall():
+        print(f"ecif-ray sql: note: run {run_id} is {status}: its tables hold the shards committed so far",
+              file=sys.stderr)
     try:
         relation = con.sql(args.query)
     except duckdb.Error as exc:
@@ -42,6 +46,8 @@ def _run_sql(args: argparse.Namespace) -> int:
         return 0
     try:
         write(relation, args.format, args.max_rows)
+    except BrokenPipeError:  # the reader (head, less) closed the pipe: not an error; mute the exit flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except duckdb.Error as exc:
         raise ValueError(f"SQL: {str(exc).splitlines()[0]}") from exc
     return 0

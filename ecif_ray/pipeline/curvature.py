@@ -13,7 +13,6 @@ rerun with the same fingerprint, so the iHVP is solved once per run, not once pe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from safetensors.torch import save as save_tensors
 
 from ecif_ray.influence.curvature import Directions, SolverSettings, solve_directions
 from ecif_ray.influence.queries import QueryGradients
+from ecif_ray.influence.traceback import CurvatureBasis, curvature_basis
 from ecif_ray.pipeline.events import CurvatureLoaded, Listener, SolverStep
 from ecif_ray.pipeline.plan import CurvatureGroup, CurvaturePlanner, CurvatureRequest
 from ecif_ray.pipeline.pool import WorkerPool
@@ -62,7 +62,7 @@ class CurvatureSample:
 
     def describe(self) -> dict[str, Any]:
         return {"segments": self.segments, "pairs": self.pairs, "groups": len(self.groups),
-                "sample": {g.shard: list(g.segments) for g in self.groups}}
+                "sample": [{"shard": g.shard, "segments": list(g.segments)} for g in self.groups]}  # summation order
 
 
 def call_with_recovery(pool: WorkerPool, actor: ActorHandle, call: Callable[[ActorHandle], Any],
@@ -157,8 +157,10 @@ class DistributedCurvature:
 
 
 def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, space: SolveSpace,
-          settings: SolverSettings, emit: Listener) -> tuple[Directions, CurvatureSample]:
-    """Load the sample, run CG with the distributed matvec, free the sample."""
+          settings: SolverSettings, emit: Listener, basis_rank: int | None = None
+          ) -> tuple[Directions, CurvatureSample, CurvatureBasis | None]:
+    """Load the sample, run CG with the distributed matvec, optionally take G's top eigenpairs
+    (for trace-back's ‖Δθ₋ₙ‖), free the sample."""
     curvature = DistributedCurvature(pool, planner)
     sample = curvature.load()
     emit(CurvatureLoaded(groups=len(sample.groups), segments=sample.segments, pairs=sample.pairs))
@@ -168,26 +170,31 @@ def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, spa
     def progress(iteration: int, residual: torch.Tensor) -> None:
         emit(SolverStep(iteration, float(residual.max())))
 
+    # The engine's solver and basis read only dim/delta/dtype/device of the task: SolveSpace has them.
     directions = solve_directions(space, gradients, curvature.matvec, settings, callback=progress)  # type: ignore[arg-type]
+    basis = None
+    if basis_rank:
+        basis = curvature_basis(space, curvature.matvec, basis_rank, settings.seed)  # type: ignore[arg-type]
     curvature.release()
-    return directions, sample
+    return directions, sample, basis
 
 
 # -- persistence ---------------------------------------------------------------------------------
 
-def save_directions(store: RunStore, directions: Directions, fingerprint: str, extra: dict[str, Any]) -> None:
+def save_directions(store: RunStore, directions: Directions, basis: CurvatureBasis | None, fingerprint: str,
+                    extra: dict[str, Any]) -> None:
     """Tensors first, then the JSON that names them: a directory with JSON is complete."""
-    tensors = {"vectors": directions.vectors.contiguous(), "query_losses": directions.query_losses.contiguous(),
-               "relative_residual": directions.relative_residual.contiguous()}
-    store.put(DIRECTIONS_TENSORS, save_tensors(tensors))
-    meta = {"fingerprint": fingerprint, "names": directions.names, "iterations": directions.iterations,
-            "converged": directions.converged, "settings": directions.settings, "seconds": directions.seconds,
-            "relative_residual": dict(zip(directions.names, directions.relative_residual.tolist())), **extra}
-    store.put_json(DIRECTIONS_META, meta)
+    tensors = {"vectors": directions.vectors, "query_losses": directions.query_losses,
+               "relative_residual": directions.relative_residual}
+    if basis is not None:
+        tensors.update(basis_U=basis.U, basis_eigenvalues=basis.eigenvalues)
+    store.put(DIRECTIONS_TENSORS, save_tensors({k: v.contiguous() for k, v in tensors.items()}))
+    store.put_json(DIRECTIONS_META, {"fingerprint": fingerprint, **describe_directions(directions), **extra})
 
 
-def load_directions(store: RunStore, fingerprint: str) -> tuple[Directions, dict[str, Any]] | None:
-    """The saved directions if they were solved for this fingerprint, else None."""
+def load_directions(store: RunStore, fingerprint: str
+                    ) -> tuple[Directions, CurvatureBasis | None, dict[str, Any]] | None:
+    """The saved directions (and basis) if they were solved for this fingerprint, else None."""
     meta = store.get_json(DIRECTIONS_META)
     data = store.get(DIRECTIONS_TENSORS)
     if meta is None or data is None or meta.get("fingerprint") != fingerprint:
@@ -196,12 +203,14 @@ def load_directions(store: RunStore, fingerprint: str) -> tuple[Directions, dict
     directions = Directions(names=meta["names"], vectors=tensors["vectors"], query_losses=tensors["query_losses"],
                             relative_residual=tensors["relative_residual"], iterations=meta["iterations"],
                             converged=meta["converged"], settings=meta["settings"], seconds=meta["seconds"])
-    return directions, meta
+    basis = None
+    if "basis_U" in tensors:
+        basis = CurvatureBasis(U=tensors["basis_U"], eigenvalues=tensors["basis_eigenvalues"],
+                               delta=directions.settings["delta"])
+    return directions, basis, meta
 
 
 def describe_directions(directions: Directions) -> dict[str, Any]:
-    return json.loads(json.dumps({
-        "names": directions.names, "iterations": directions.iterations, "converged": directions.converged,
-        "relative_residual": dict(zip(directions.names, directions.relative_residual.tolist())),
-        "settings": directions.settings, "seconds": round(directions.seconds, 3),
-    }))
+    return {"names": directions.names, "iterations": directions.iterations, "converged": directions.converged,
+            "relative_residual": dict(zip(directions.names, directions.relative_residual.tolist())),
+            "settings": directions.settings, "seconds": round(directions.seconds, 3)}

@@ -28,6 +28,7 @@ class WorkersReady:
     resources: dict[str, float]  # per actor: CPU, GPU
     info: list[dict[str, Any]]
     seconds: float
+    actors: list[Any]  # the Ray actor handles, in pool order
 
 
 @dataclass(frozen=True)

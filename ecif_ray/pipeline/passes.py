@@ -8,8 +8,10 @@ from typing import Any
 import ray
 import torch
 
+from ecif_ray.config import absolute_local
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import Directions
+from ecif_ray.influence.traceback import CurvatureBasis
 from ecif_ray.pipeline import curvature
 from ecif_ray.pipeline.events import DirectionsReady, Listener, WorkersReady
 from ecif_ray.pipeline.plan import CurvaturePlanner
@@ -18,11 +20,11 @@ from ecif_ray.pipeline.run import PassResult, Prepared, checkpoint_files, lineag
 from ecif_ray.pipeline.scheduler import ShardScheduler
 from ecif_ray.pipeline.shard import ShardJob
 from ecif_ray.pipeline.worker import QuerySpec, WorkerSettings
-from ecif_ray.tables.manifest import Manifest
 from ecif_ray.tables.store import RunStore
 
 
-def execute(prep: Prepared, manifest: Manifest, pending: list[Shard], emit: Listener) -> PassResult:
+def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
+    """Start the pool, get the directions (saved or solved), score the pending shards, stop the pool."""
     cfg = prep.config
     result = PassResult()
     with ray_session(cfg.address):
@@ -35,18 +37,20 @@ def execute(prep: Prepared, manifest: Manifest, pending: list[Shard], emit: List
             result.timings["startup_s"] = round(time.perf_counter() - t0, 3)
             resources = {"CPU": size.num_cpus, "GPU": size.num_gpus}
             result.workers = {"workers": len(pool.actors), **resources, "info": info}
-            emit(WorkersReady(len(pool.actors), resources, info, result.timings["startup_s"]))
+            emit(WorkersReady(len(pool.actors), resources, info, result.timings["startup_s"], list(pool.actors)))
 
             t1 = time.perf_counter()
-            directions, meta, result.reused = directions_for(prep, pool, emit)
+            directions, basis, meta, result.reused = directions_for(prep, pool, emit)
             result.directions = meta
             result.timings["curvature_s"] = round(time.perf_counter() - t1, 3)
             emit(DirectionsReady(directions.names, result.reused, directions.iterations, directions.converged,
                                  float(directions.relative_residual.max()), directions.seconds))
 
             t2 = time.perf_counter()
-            scheduler = ShardScheduler(pool, job_factory(prep, directions, meta), ray.put(directions.vectors.numpy()),
-                                       cfg.max_attempts, emit, failure_writer(prep, directions, meta))
+            basis_ref = None if basis is None else ray.put((basis.U.numpy(), basis.eigenvalues.numpy()))
+            arrays = (ray.put(directions.vectors.numpy()), basis_ref)  # put once, shared by every task
+            scheduler = ShardScheduler(pool, job_factory(prep, directions, meta), arrays, cfg.max_attempts, emit,
+                                       failure_writer(prep, directions, meta))
             outcome = scheduler.run(pending)
             result.timings["scoring_s"] = round(time.perf_counter() - t2, 3)
         finally:
@@ -65,35 +69,43 @@ def worker_settings(prep: Prepared, use_gpu: bool) -> WorkerSettings:
                           ggn_chunk=cfg.solver.chunk, exclude=prep.exclude, storage_options=cfg.storage_options)
 
 
-def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener) -> tuple[Directions, dict[str, Any], bool]:
+def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
+                   ) -> tuple[Directions, CurvatureBasis | None, dict[str, Any], bool]:
     """The saved directions when the fingerprint matches, else the curvature pass (and save them)."""
     saved = curvature.load_directions(prep.store, prep.fingerprint)
     if saved is not None:
-        return saved[0], saved[1], True
+        return *saved, True
     cfg = prep.config
-    spec = QuerySpec(names=tuple(cfg.queries), val=tuple(prep.val), test=tuple(prep.test), test_spec=cfg.test,
-                     classes=cfg.classes)
+    spec = QuerySpec(names=tuple(cfg.queries), val=tuple(prep.val), test=tuple(prep.test),
+                     test_spec=absolute_local(cfg.test), classes=absolute_local(cfg.classes),
+                     trace_examples=cfg.trace.examples if cfg.trace else 0)
     queries = curvature.query_gradients(pool, spec)
     planner = CurvaturePlanner(prep.shards, cfg.curvature_segments, cfg.curvature_shards, cfg.curvature_seed)
     space = curvature.SolveSpace(dim=prep.checkpoint["dim"], delta=prep.checkpoint["delta"],
                                  dtype=getattr(torch, cfg.dtype))
-    directions, sample = curvature.solve(pool, planner, queries, space, cfg.solver_settings(), emit)
+    rank = cfg.trace.rank if cfg.trace and queries.traced else None
+    directions, sample, basis = curvature.solve(pool, planner, queries, space, cfg.solver_settings(), emit, rank)
     extra = {"curvature": {**sample.describe(), "seed": cfg.curvature_seed},
              "queries": {name: {"examples": queries.pairs[name], "loss": float(loss)}
-                         for name, loss in zip(queries.names, queries.losses)},
+                         for name, loss in zip(queries.names, queries.losses) if name in queries.pairs},
+             "traced": queries.traced, "basis_rank": None if basis is None else int(basis.U.shape[1]),
              "query_input_errors": len(queries.errors)}
-    curvature.save_directions(prep.store, directions, prep.fingerprint, extra)
-    meta = curvature.load_directions(prep.store, prep.fingerprint)
-    assert meta is not None, "directions were just saved"
-    return directions, meta[1], False
+    curvature.save_directions(prep.store, directions, basis, prep.fingerprint, extra)
+    saved = curvature.load_directions(prep.store, prep.fingerprint)
+    assert saved is not None, "directions were just saved"
+    return *saved, False
 
 
 def job_factory(prep: Prepared, directions: Directions, meta: dict[str, Any]):
     file_lineage = lineage(prep, directions, meta)
+    traced = tuple(meta.get("traced") or ())
+    named = tuple(n for n in directions.names if n not in traced)
+    trace_top_k = prep.config.trace.top_k if prep.config.trace else 0
 
     def make(shard: Shard, attempt: int) -> ShardJob:
         return ShardJob(shard=shard, run_id=prep.run_id, fingerprint=prep.fingerprint, attempt=attempt,
-                        queries=tuple(directions.names), lineage=file_lineage, top_k=prep.config.top_k)
+                        queries=named, lineage=file_lineage, top_k=prep.config.top_k, traced=traced,
+                        trace_top_k=trace_top_k)
 
     return make
 

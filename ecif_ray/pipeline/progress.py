@@ -59,7 +59,8 @@ class ProgressDisplay:
         elif isinstance(event, DirectionsReady):
             self._close_solver()
             how = "reused from the run dir" if event.reused else f"solved in {event.seconds:.1f}s"
-            self._write(f"directions {', '.join(event.names)}: {how} ({event.iterations} CG iterations, "
+            names = ", ".join(event.names) if len(event.names) <= 4 else f"{len(event.names)} queries"
+            self._write(f"directions ({names}): {how} ({event.iterations} CG iterations, "
                         f"residual {event.max_residual:.1e}{'' if event.converged else ', NOT converged'})")
         elif isinstance(event, ShardProgress):
             self._on_progress(event)
@@ -131,6 +132,9 @@ def format_summary(result: ScoreResult) -> str:
         f"scoring {t.get('scoring_s', 0):.1f}s ({c.get('pairs_per_s', 0):.0f} pairs/s), "
         f"total {t.get('total_s', 0):.1f}s",
     ]
+    if c.get("trace_rows"):
+        lines.append(f"  trace     {c['trace_rows']} rows: top training pairs per mispredicted test example "
+                     f"(SELECT * FROM trace ORDER BY query_id, rank)")
     if result.top:
         lines.append(f"  top {len(result.top)} flagged pairs (ecif_is, {m.primary_query}):")
         for rank, row in enumerate(result.top, start=1):

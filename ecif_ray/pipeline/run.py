@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ def run_score(config: ScoreConfig, listeners: Sequence[Listener] = ()) -> ScoreR
     if pending:
         from ecif_ray.pipeline.passes import execute  # Ray is imported only when there is work
 
-        passes = execute(prep, manifest, pending, emit)
+        passes = execute(prep, pending, emit)
     result = finish(prep, manifest, done, passes, time.perf_counter() - started)
     emit(RunFinished(result))
     return result
@@ -134,7 +134,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     checkpoint = describe_checkpoint(checkpoint_dir, config)
     shards = list_shards(absolute_local(config.train), so)
     val = list_shards(absolute_local(config.val), so) if "val" in config.queries else []
-    test = list_shards(absolute_local(config.test), so) if "task" in config.queries else []
+    test = list_shards(absolute_local(config.test), so) if "task" in config.queries or config.trace else []
     exclude = read_exclusions(str(absolute_local(config.exclude)), so) if config.exclude else None
     inputs = config.score_inputs()
     inputs.update(train=[s.name for s in shards], val=[s.name for s in val] or None,
@@ -261,6 +261,8 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
                            "relative_residual": passes.directions["relative_residual"],
                            "seconds": passes.directions["seconds"], "reused": passes.reused}
         manifest.curvature = passes.directions.get("curvature", {})
+    if passes.records and any(r.trace for r in records.values()):
+        manifest.counts["trace_rows"] = write_trace(prep, records.values())
     manifest.timings = {**passes.timings, "total_s": round(seconds, 3)}
     manifest.workers = passes.workers or manifest.workers
     history = list(getattr(manifest, "invocations", None) or [])
@@ -274,6 +276,24 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
     return ScoreResult(run_id=prep.run_id, out=prep.store.url, manifest=manifest, exit_code=code, exit_reason=reason,
                        records=records, failed=failed, top=top[: prep.config.top_k], directions_reused=passes.reused,
                        retries=passes.retries, worker_failures=passes.worker_failures)
+
+
+def write_trace(prep: Prepared, records: Iterable[ShardRecord]) -> int:
+    """Merge the shards' top pairs per traced example into the run's ``trace`` table (global ranks)."""
+    by_query: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        for row in record.trace:
+            by_query.setdefault(row["query_id"], []).append(row)
+    k = prep.config.trace.top_k if prep.config.trace else 0
+    rows = []
+    for hits in by_query.values():
+        best = sorted(hits, key=lambda h: (-h["relative_is"], h["shard"], h["key"]))[:k]
+        rows += [{**hit, "rank": rank} for rank, hit in enumerate(best, start=1)]
+    columns = {name: [row[name] for row in rows] for name in ("query_id", "rank", "shard", "key", "relative_is",
+                                                               "ecif_is")}
+    prep.store.write_table("trace", prep.run_id, "trace", columns, {"run_id": prep.run_id,
+                                                                   "fingerprint": prep.fingerprint})
+    return len(rows)
 
 
 def exit_status(failed: dict[str, str], incomplete: bool, errors: int) -> tuple[int, str]:
@@ -313,7 +333,8 @@ def lineage(prep: Prepared, directions: Directions, meta: dict[str, Any]) -> dic
         "run_id": prep.run_id, "fingerprint": prep.fingerprint, "checkpoint_sha256": ckpt["sha256"],
         "arch": ckpt["arch"], "param_subset": ckpt["param_subset"], "delta": ckpt["delta"],
         "negative_term": prep.config.negative_term, "n_train": ckpt["n_train"], "segment_size": ckpt["segment_size"],
-        "dtype": prep.config.dtype, "queries": directions.names, "primary_query": directions.names[0],
+        "dtype": prep.config.dtype, "queries": [n for n in directions.names if n not in (meta.get("traced") or [])],
+        "primary_query": directions.names[0], "traced_examples": len(meta.get("traced") or []),
         "solver": {**prep.config.solver.model_dump(), "iterations": directions.iterations,
                    "converged": directions.converged, "relative_residual": meta["relative_residual"]},
         "curvature_segments": meta.get("curvature", {}).get("segments"),

@@ -4,8 +4,9 @@ Each task is a streaming call (``num_returns="streaming"``): the actor yields af
 and once more with the shard's commit record, so the driver shows progress inside long shards
 and learns about a dead actor at its next item. On failure the shard goes back to the front of
 the queue for another actor: a dead actor is replaced first; an actor whose task raised stays in
-the pool but the retry prefers a different one. After ``max_attempts`` failures the shard is
-reported (an ``errors`` row with stage ``score``) and left uncommitted for a rerun to retry.
+the pool (other shards may go to it) but the retry waits for a different actor. After
+``max_attempts`` failures the shard is reported (an ``errors`` row with stage ``score``) and left
+uncommitted for a rerun to retry.
 Nothing a failed attempt wrote can duplicate rows: the retry rewrites the same files.
 """
 
@@ -34,6 +35,10 @@ from ecif_ray.tables.store import ShardRecord
 
 JobFactory = Callable[[Shard, int], ShardJob]
 
+# A worker runs at most this many items ahead of the driver's bookkeeping: progress events do not
+# pile up, and a fault seen by the driver after segment k is known to land before segment k + 5.
+STREAM_AHEAD = 4
+
 
 @dataclass
 class _Attempt:
@@ -50,11 +55,11 @@ class ScoringOutcome:
 
 
 class ShardScheduler:
-    def __init__(self, pool: WorkerPool, make_job: JobFactory, directions: ray.ObjectRef, max_attempts: int,
-                 emit: Listener, on_failure: Callable[[Shard, str], None]):
+    def __init__(self, pool: WorkerPool, make_job: JobFactory, arrays: tuple[ray.ObjectRef, ray.ObjectRef | None],
+                 max_attempts: int, emit: Listener, on_failure: Callable[[Shard, str], None]):
         self.pool = pool
         self.make_job = make_job
-        self.directions = directions
+        self.arrays = arrays  # the directions, and G's eigenbasis when tracing back (put once, shared)
         self.max_attempts = max_attempts
         self.emit = emit
         self.on_failure = on_failure
@@ -74,15 +79,25 @@ class ShardScheduler:
         return self.outcome
 
     def _submit(self) -> None:
-        while self._queue and self._idle:
-            shard, attempt, avoid = self._queue.popleft()
-            others = [a for a in self._idle if a != avoid]
-            actor = (others or self._idle)[0]
+        for actor in list(self._idle):
+            job = self._next_for(actor)
+            if job is None:
+                continue
+            shard, attempt = job
             self._idle.remove(actor)
-            stream = actor.score_shard.options(num_returns="streaming").remote(self.make_job(shard, attempt),
-                                                                                self.directions)
+            options = {"num_returns": "streaming", "_generator_backpressure_num_objects": STREAM_AHEAD}
+            stream = actor.score_shard.options(**options).remote(self.make_job(shard, attempt), *self.arrays)
             self._inflight[stream] = _Attempt(shard, attempt, actor)
             self.emit(ShardSubmitted(shard.name, attempt, actor))
+
+    def _next_for(self, actor: ActorHandle) -> tuple[Shard, int] | None:
+        """The first queued shard this actor may take: not one whose task just raised on it, unless it
+        is the only actor (the retry then waits for another actor to be free)."""
+        for i, (shard, attempt, avoid) in enumerate(self._queue):
+            if avoid != actor or len(self.pool.actors) == 1:
+                del self._queue[i]
+                return shard, attempt
+        return None
 
     def _advance(self, stream: ray.ObjectRefGenerator) -> None:
         attempt = self._inflight[stream]

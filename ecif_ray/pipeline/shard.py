@@ -22,6 +22,7 @@ from ecif_ray.data.segments import Preprocess, Tokenizer, collate_segment, shard
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.influence.traceback import CurvatureBasis, TopK, trace_segment
 from ecif_ray.tables.store import RunStore, ShardRecord
 
 
@@ -33,9 +34,11 @@ class ShardJob:
     run_id: str
     fingerprint: str
     attempt: int
-    queries: tuple[str, ...]  # direction names, in row order of the directions; the first is primary
+    queries: tuple[str, ...]  # named queries: the first rows of the directions; the first is primary
     lineage: dict[str, Any]  # written into every file's key-value metadata
     top_k: int = 10
+    traced: tuple[str, ...] = ()  # trace-back examples: the remaining rows of the directions
+    trace_top_k: int = 10
 
 
 @dataclass(frozen=True)
@@ -59,23 +62,34 @@ class ShardInputs:
 
 
 def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directions: torch.Tensor,
-                store: RunStore) -> Iterator[SegmentDone | ShardRecord]:
-    """Score every good pair of the shard against ``directions`` [Q, D], write and commit its tables."""
+                store: RunStore, basis: CurvatureBasis | None = None) -> Iterator[SegmentDone | ShardRecord]:
+    """Score every good pair of the shard against ``directions`` [Q, D], write and commit its tables.
+
+    With trace-back examples (``job.traced``, needs ``basis``), each pair's relative-IS against
+    every example is computed too and the shard's top pairs per example go into its record.
+    """
     start = time.perf_counter()
     segments, errors = shard_segments(job.shard, segment_size=inputs.segment_size, exclude=inputs.exclude,
                                       storage_options=inputs.storage_options)
+    named = directions[: len(job.queries)]
+    traced = directions[len(job.queries):]
+    top = TopK(list(job.traced), job.trace_top_k) if job.traced else None
     results: list[SegmentScores] = []
     pairs = 0
     for done, segment in enumerate(segments, start=1):
         batch = collate_segment(segment, inputs.preprocess, inputs.tokenizer)
-        results.append(score_segment(task, batch, directions, inputs.chunk))
+        results.append(score_segment(task, batch, named, inputs.chunk))
+        if top is not None:
+            assert basis is not None, "trace-back needs the curvature basis"
+            top.add(batch, trace_segment(task, batch, traced, basis))
         pairs += len(batch)
         yield SegmentDone(job.shard.name, done, len(segments), pairs)
-    yield write_shard(store, job, results, errors, time.perf_counter() - start)
+    trace = top.rows() if top is not None else []
+    yield write_shard(store, job, results, errors, trace, time.perf_counter() - start)
 
 
 def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores], errors: Sequence[ErrorRecord],
-                seconds: float) -> ShardRecord:
+                trace: list[dict[str, Any]], seconds: float) -> ShardRecord:
     """Write the shard's non-empty tables (pairs last), then its commit record."""
     lineage = {**job.lineage, "attempt": job.attempt, "shard_seconds": round(seconds, 3)}
     name = job.shard.name
@@ -88,7 +102,8 @@ def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores]
         by_stage[e.stage] = by_stage.get(e.stage, 0) + 1
     record = ShardRecord(shard=name, run_id=job.run_id, fingerprint=job.fingerprint, files=files,
                          pairs=sum(len(r) for r in results), errors=len(errors), errors_by_stage=by_stage,
-                         seconds=round(seconds, 3), attempt=job.attempt, top=top_pairs(results, job.top_k))
+                         seconds=round(seconds, 3), attempt=job.attempt, top=top_pairs(results, job.top_k),
+                         trace=trace)
     store.commit_shard(record)
     return record
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,11 @@ from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.samples import ErrorRecord
 from ecif_ray.data.segments import PairBatch, collate_segment, load_segments, shard_segments
 from ecif_ray.data.shards import Shard
+from ecif_ray.evaluation import find_classes
 from ecif_ray.influence.curvature import ggn_sum
-from ecif_ray.influence.queries import ValidationQuery, ZeroShotQuery, stack_queries
+from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
 from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.influence.traceback import CurvatureBasis, mispredicted
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.pipeline.plan import CurvatureGroup, CurvatureRequest, choose_segments
 from ecif_ray.pipeline.shard import SegmentDone, ShardInputs, ShardJob, score_shard
@@ -64,15 +67,17 @@ class QuerySpec:
     test: tuple[Shard, ...] = ()
     test_spec: str | list[str] | None = None  # for finding classes.json next to the test shards
     classes: str | None = None
+    trace_examples: int = 0  # mispredicted test examples to add as one query each ("<shard>/<key>")
 
 
 @dataclass(frozen=True)
 class QueryResult:
-    names: list[str]
+    names: list[str]  # the named queries, then one per traced test example
     gradients: np.ndarray  # [Q, D]
     losses: np.ndarray  # [Q]
-    pairs: dict[str, int]  # examples each query was computed on
+    pairs: dict[str, int]  # examples each named query was computed on
     errors: list[ErrorRecord]  # bad samples among the query inputs (reported, not scored)
+    traced: list[str]  # the names of the trace-back examples (a suffix of names)
 
 
 class InfluenceWorker:
@@ -80,6 +85,7 @@ class InfluenceWorker:
 
     def __init__(self, checkpoint_files: dict[str, bytes], settings: WorkerSettings):
         torch.set_num_threads(settings.threads)
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # open_clip's
         self.settings = settings
         self.device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
         self.task = _load_task(checkpoint_files, settings, self.device)
@@ -97,27 +103,38 @@ class InfluenceWorker:
     # -- queries -------------------------------------------------------------------------------
 
     def query_gradients(self, spec: QuerySpec) -> QueryResult:
-        from ecif_ray.evaluation import find_classes
-
-        parts, pairs, errors = [], {}, []
+        """g' for each named query, then for each mispredicted test example when tracing back."""
+        parts, pairs, errors, traced = [], {}, [], []
+        test: list[PairBatch] = []
+        if spec.test:
+            test, bad = self._load(spec.test, TEST_SEGMENT_SIZE, "test")
+            errors += bad
+        classes = find_classes(spec.test_spec, spec.classes, self.settings.storage_options, test) if test else None
         for name in spec.names:
-            shards = spec.val if name == "val" else spec.test
-            size = self.settings.segment_size if name == "val" else TEST_SEGMENT_SIZE
-            batches, bad = load_segments(list(shards), segment_size=size, preprocess=self.task.bundle.preprocess,
-                                         tokenizer=self.task.bundle.tokenizer,
-                                         storage_options=self.settings.storage_options)
-            if not batches:
-                raise ValueError(f"{name}: no usable samples in {[s.url for s in shards][:3]} ({len(bad)} bad)")
             if name == "val":
+                batches, bad = self._load(spec.val, self.settings.segment_size, "val")
+                errors += bad
                 query = ValidationQuery(batches, name="val")
             else:
-                classes = find_classes(spec.test_spec, spec.classes, self.settings.storage_options, batches)
-                query = ZeroShotQuery(batches, classes, name="task")
+                batches, query = test, ZeroShotQuery(test, classes, name="task")
             parts.append(query.gradients(self.task))
             pairs[name] = sum(len(b) for b in batches)
-            errors += bad
+        if spec.trace_examples and test:
+            wrong = mispredicted(self.task, test, classes, spec.trace_examples)
+            if wrong:
+                examples = ExampleQuery(wrong, classes).gradients(self.task)
+                parts.append(examples)
+                traced = list(examples.names)
         stacked = stack_queries(parts)
-        return QueryResult(stacked.names, _numpy(stacked.gradients), _numpy(stacked.losses), pairs, errors)
+        return QueryResult(stacked.names, _numpy(stacked.gradients), _numpy(stacked.losses), pairs, errors, traced)
+
+    def _load(self, shards: tuple[Shard, ...], size: int, what: str) -> tuple[list[PairBatch], list[ErrorRecord]]:
+        bundle = self.task.bundle
+        batches, bad = load_segments(list(shards), segment_size=size, preprocess=bundle.preprocess,
+                                     tokenizer=bundle.tokenizer, storage_options=self.settings.storage_options)
+        if not batches:
+            raise ValueError(f"{what}: no usable samples in {[s.url for s in shards][:3]} ({len(bad)} bad)")
+        return batches, bad
 
     # -- curvature -----------------------------------------------------------------------------
 
@@ -142,9 +159,15 @@ class InfluenceWorker:
 
     # -- scoring -------------------------------------------------------------------------------
 
-    def score_shard(self, job: ShardJob, directions: np.ndarray) -> Iterator[SegmentDone | ShardRecord]:
+    def score_shard(self, job: ShardJob, directions: np.ndarray,
+                    basis: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[SegmentDone | ShardRecord]:
+        """Stream one shard (``pipeline.shard``); ``basis`` = G's eigenpairs (U, λ) when tracing back."""
         vectors = torch.tensor(directions, device=self.task.device, dtype=self.task.dtype)
-        yield from score_shard(self.task, self.inputs, job, vectors, self.store)
+        curvature = None
+        if basis is not None:
+            U, eigenvalues = (torch.tensor(a, device=self.task.device, dtype=self.task.dtype) for a in basis)
+            curvature = CurvatureBasis(U=U, eigenvalues=eigenvalues, delta=self.task.delta)
+        yield from score_shard(self.task, self.inputs, job, vectors, self.store, curvature)
 
 
 def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -> InfluenceTask:

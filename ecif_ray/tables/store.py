@@ -21,6 +21,7 @@ overwrites its earlier attempt instead of duplicating rows.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -66,6 +67,7 @@ class ShardRecord:
     seconds: float = 0.0
     attempt: int = 1
     top: list[dict[str, Any]] = field(default_factory=list)  # the shard's most harmful pairs (summary)
+    trace: list[dict[str, Any]] = field(default_factory=list)  # the shard's top pairs per traced example
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +128,8 @@ class RunStore:
         try:
             self.fs.mv(temp, final)  # local: os.rename; object stores: server-side copy, then delete
         except BaseException:
-            self.fs.rm(temp)
+            with contextlib.suppress(OSError):  # keep the original error
+                self.fs.rm(temp)
             raise
 
     def get(self, relative: str) -> bytes | None:

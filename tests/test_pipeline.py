@@ -1,0 +1,229 @@
+"""The scoring pipeline on a real local Ray cluster: equality with the single-process engine,
+independence of the worker count, lineage, resume and refusal, S3 in and out, the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ecif_ray.cli import main
+from ecif_ray.config import ScoreConfig
+from ecif_ray.data.segments import load_segments
+from ecif_ray.evaluation import find_classes
+from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings, local_matvec, solve_directions
+from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
+from ecif_ray.influence.scoring import score_segment
+from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
+from ecif_ray.models.checkpoint import checkpoint_fingerprint, load_checkpoint
+from ecif_ray.pipeline import EXIT_OK, RunMismatch, run_score
+from ecif_ray.tables import RunStore, connect, read_manifest
+
+SCORE_COLUMNS = ("clip_score", "loss", "pos_is", "neg_is", "ecif_is")
+
+
+def table(run_dir: str | Path, name: str, storage_options: dict | None = None) -> pa.Table:
+    """All rows of one table, sorted by identity (what a reader sees, run_id included)."""
+    order = {"scores": "query, shard, key", "trace": "query_id, rank"}.get(name, "shard, key")
+    return connect(str(run_dir), storage_options).sql(f"SELECT * FROM {name} ORDER BY {order}").to_arrow_table()
+
+
+@pytest.fixture(scope="module")
+def one_worker_run(scored_run, scored_config, tmp_path_factory):
+    return run_score(scored_config(tmp_path_factory.mktemp("runs") / "one-worker", workers=1))
+
+
+def test_run_scores_every_pair_once(scored_run):
+    assert scored_run.exit_code == EXIT_OK
+    pairs = table(scored_run.out, "pairs")
+    assert pairs.num_rows == 128
+    identities = set(zip(pairs["shard"].to_pylist(), pairs["key"].to_pylist()))
+    assert len(identities) == 128
+    assert set(pairs["run_id"].to_pylist()) == {scored_run.run_id}
+    assert set(pairs["query"].to_pylist()) == {"val"}
+    scores = table(scored_run.out, "scores")
+    assert scores.num_rows == 128 and set(scores["query"].to_pylist()) == {"task"}
+    assert table(scored_run.out, "errors").num_rows == 0
+    ecif = pairs["ecif_is"].to_numpy()
+    assert (ecif == pairs["pos_is"].to_numpy() + pairs["neg_is"].to_numpy()).all()
+    assert len(scored_run.top) == 10 and scored_run.top[0]["ecif_is"] == ecif.max()
+
+
+def test_scores_are_identical_for_one_and_two_workers(scored_run, one_worker_run):
+    for name in ("pairs", "scores", "trace"):
+        assert table(scored_run.out, name).equals(table(one_worker_run.out, name))
+    two, one = (Path(r.out) / "directions/directions.safetensors" for r in (scored_run, one_worker_run))
+    assert two.read_bytes() == one.read_bytes()
+
+
+def test_scores_equal_the_single_process_engine(scored_run, heads_ckpt, digits_corpus):
+    """The same inputs through the in-process engine: same curvature sample (read from the run's
+    lineage), same queries (val, task, and the mispredicted test examples), same solver."""
+    ckpt = load_checkpoint(heads_ckpt)
+    ckpt.model.double()
+    task = InfluenceTask.from_checkpoint(ckpt, n_train=ckpt.meta.training["n_pairs"])
+    bundle = ckpt.bundle
+
+    def segments(split: str, size: int):
+        return load_segments(str(digits_corpus / split), segment_size=size, preprocess=bundle.preprocess,
+                             tokenizer=bundle.tokenizer)[0]
+
+    train, test = segments("train", 16), segments("test", 256)
+    meta = json.loads((Path(scored_run.out) / "directions/directions.json").read_text())
+    by_id = {(b.shard, b.segment): b for b in train}
+    sample = [by_id[g["shard"], s] for g in meta["curvature"]["sample"] for s in g["segments"]]
+    assert len(sample) == 4
+    classes = find_classes(str(digits_corpus / "test"))
+    wrong = ExampleQuery(mispredicted(task, test, classes, limit=4), classes)
+    queries = stack_queries([ValidationQuery(segments("val", 16)).gradients(task),
+                             ZeroShotQuery(test, classes, name="task").gradients(task), wrong.gradients(task)])
+    assert queries.names[2:] == meta["traced"] and len(meta["traced"]) == 4
+    matvec = local_matvec(task, sample)
+    directions = solve_directions(task, queries, matvec, SolverSettings(preconditioner="nystrom", nystrom_rank=128))
+    assert directions.converged
+    basis = curvature_basis(task, matvec, rank=64)
+
+    expected = {name: [] for name in SCORE_COLUMNS}
+    task_is = []
+    top = TopK(queries.names[2:], k=3)
+    for batch in train:
+        s = score_segment(task, batch, directions.vectors[:2])
+        for name, values in (("clip_score", s.clip_score), ("loss", s.loss), ("pos_is", s.pos_is[0]),
+                             ("neg_is", s.neg_is[0]), ("ecif_is", s.ecif_is[0])):
+            expected[name].append(values)
+        task_is.append(s.ecif_is[1])
+        top.add(batch, trace_segment(task, batch, directions.vectors[2:], basis))
+    pairs = pq.read_table(Path(scored_run.out) / "pairs").to_pandas()  # file order = shard, segment order
+    scores = pq.read_table(Path(scored_run.out) / "scores").to_pandas()
+    assert pairs["key"].tolist() == [k for b in train for k in b.keys]
+    for name in SCORE_COLUMNS:
+        close(pairs[name].to_numpy(), torch.cat(expected[name]))
+    close(scores["ecif_is"].to_numpy(), torch.cat(task_is))
+
+    trace = table(scored_run.out, "trace").to_pylist()
+    want = sorted(top.rows(), key=lambda r: (r["query_id"], r["rank"]))
+
+    def ids(rows: list[dict]) -> list[tuple]:
+        return [(r["query_id"], r["rank"], r["shard"], r["key"]) for r in rows]
+
+    assert ids(trace) == ids(want) and len(trace) == 4 * 3
+    for column in ("relative_is", "ecif_is"):
+        close([r[column] for r in trace], torch.tensor([r[column] for r in want]))
+
+
+def close(got, want: torch.Tensor) -> None:
+    """Equal within 1e-5 relative (to the largest magnitude, for entries near zero)."""
+    torch.testing.assert_close(torch.tensor(np.asarray(got), dtype=want.dtype), want, rtol=1e-5,
+                               atol=1e-5 * float(want.abs().max()))
+
+
+def test_lineage_in_manifest_and_parquet_metadata(scored_run, heads_ckpt):
+    store = RunStore(scored_run.out)
+    manifest = read_manifest(store)
+    assert manifest.status == "complete" and manifest.run_id == scored_run.run_id
+    assert manifest.checkpoint["sha256"] == checkpoint_fingerprint(heads_ckpt)
+    assert manifest.checkpoint["param_subset"] == "heads" and manifest.checkpoint["delta"] == 1e-2
+    assert manifest.queries == ["val", "task"] and manifest.primary_query == "val"
+    assert manifest.solver["converged"] and manifest.solver["tol"] == DEFAULT_SOLVER.tol
+    assert max(manifest.solver["relative_residual"].values()) <= DEFAULT_SOLVER.tol
+    assert manifest.curvature["segments"] == 4 and manifest.curvature["pairs"] == 64
+    assert manifest.counts["pairs"] == 128 and manifest.counts["errors"] == 0
+    assert {"startup_s", "curvature_s", "scoring_s", "total_s"} <= set(manifest.timings)
+    assert manifest.code_version and "storage_options" in manifest.config
+
+    files = sorted(Path(scored_run.out, "pairs", f"run_id={scored_run.run_id}").glob("*.parquet"))
+    assert [f.name for f in files] == ["train-000000.tar.parquet", "train-000001.tar.parquet"]
+    lineage = store.lineage(f"pairs/run_id={scored_run.run_id}/{files[0].name}")
+    assert lineage["checkpoint_sha256"] == manifest.checkpoint["sha256"]
+    assert lineage["negative_term"] == "exact" and lineage["delta"] == 1e-2
+    assert lineage["solver"]["converged"] and lineage["curvature_segments"] == 4
+    assert lineage["run_id"] == scored_run.run_id and lineage["shard"] == "train-000000.tar"
+    assert "run_id" not in pq.read_schema(files[0]).names  # a Hive partition column only
+
+
+def test_rerun_of_a_complete_run_does_nothing(scored_run, scored_config):
+    files = sorted(Path(scored_run.out).rglob("*.parquet"))
+    before = [(f, f.stat().st_mtime_ns) for f in files]
+    again = run_score(scored_config(scored_run.out, workers=1))  # execution settings may change between runs
+    assert again.exit_code == EXIT_OK and again.run_id == scored_run.run_id
+    assert again.manifest.counts["shards_skipped"] == 2 and again.manifest.counts["shards_scored"] == 0
+    assert [(f, f.stat().st_mtime_ns) for f in files] == before
+
+
+def test_resume_rescores_only_a_damaged_shard_and_reuses_directions(scored_run, scored_config, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(scored_run.out, out)
+    damaged = out / "pairs" / f"run_id={scored_run.run_id}" / "train-000001.tar.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # a torn write: no valid footer
+    result = run_score(scored_config(out))
+    assert result.directions_reused
+    assert set(result.manifest.counts) >= {"shards_scored"} and result.manifest.counts["shards_scored"] == 1
+    assert result.manifest.counts["shards_skipped"] == 1
+    for name in ("pairs", "scores", "trace"):
+        assert table(out, name).equals(table(scored_run.out, name))
+
+
+def test_changed_config_or_checkpoint_is_refused(scored_run, scored_config, micro_pretrained):
+    with pytest.raises(RunMismatch, match="negative_term: 'exact' -> 'taylor'"):
+        run_score(scored_config(scored_run.out, negative_term="taylor"))
+    with pytest.raises(RunMismatch, match="checkpoint_sha256"):
+        run_score(scored_config(scored_run.out, ckpt=str(micro_pretrained), n_train=128, delta=1e-2))
+    with pytest.raises(RunMismatch, match="run_id"):
+        run_score(scored_config(scored_run.out, run_id="other"))
+    with pytest.raises(RunMismatch, match="trace"):
+        run_score(scored_config(scored_run.out, trace=None))
+
+
+def test_config_errors_name_the_field(tmp_path, capsys):
+    with pytest.raises(ValueError, match="val"):
+        ScoreConfig(ckpt="c", train="t", out="o")
+    with pytest.raises(ValueError, match="curvature_segments"):
+        ScoreConfig(ckpt="c", train="t", val="v", out="o", curvature_segments=0)
+    (tmp_path / "job.yaml").write_text("ckpt: c\ntrain: t\nval: v\nout: o\nsolver: {tol: 2}\n")
+    assert main(["score", "--config", str(tmp_path / "job.yaml")]) == 2
+    assert "--tol" in capsys.readouterr().err
+    (tmp_path / "typo.yaml").write_text("ckpt: c\ntrain: t\nval: v\nout: o\nworkerz: 2\n")
+    assert main(["score", "--config", str(tmp_path / "typo.yaml")]) == 2
+    assert "workerz" in capsys.readouterr().err
+    assert main(["score", "--ckpt", str(tmp_path / "none"), "--train", "t", "--val", "v", "--out", "o"]) == 2
+    assert "ckpt" in capsys.readouterr().err
+
+
+def test_yaml_and_flags_merge(tmp_path):
+    (tmp_path / "job.yaml").write_text("ckpt: c\ntrain: [a, b]\nval: v\nout: o\nworkers: 4\nsolver: {tol: 1.0e-4}\n")
+    cfg = ScoreConfig.load(str(tmp_path / "job.yaml"), {"workers": 2, "solver": {"max_iter": 7}, "out": None})
+    assert cfg.workers == 2 and cfg.out == "o" and cfg.train == ["a", "b"]
+    assert cfg.solver.tol == 1e-4 and cfg.solver.max_iter == 7
+
+
+def test_s3_in_and_out_through_the_cli(scored_run, s3_bucket, heads_ckpt, digits_corpus, capsys):
+    for split in ("train", "val"):
+        for shard in sorted((digits_corpus / split).glob("*.tar")):
+            s3_bucket.put(shard, f"corpus/{split}/{shard.name}")
+    out = f"{s3_bucket.url}/runs/r1"
+    code = main(["score", "--ckpt", str(heads_ckpt), "--train", f"{s3_bucket.url}/corpus/train",
+                 "--val", f"{s3_bucket.url}/corpus/val", "--out", out, "--workers", "2",
+                 "--curvature-segments", "4", "--preconditioner", "nystrom", "--nystrom-rank", "128",
+                 "--no-progress", "--storage-options", json.dumps(s3_bucket.storage_options)])
+    summary = capsys.readouterr().out
+    assert code == EXIT_OK, summary
+    assert "128 scored" in summary and "top 10 flagged pairs" in summary
+    keys = s3_bucket.fs.find(f"{s3_bucket.url}/runs/r1")
+    assert not [k for k in keys if k.endswith(".tmp")]
+    assert sum(k.endswith(".tar.json") for k in keys) == 2  # one commit record per shard
+    # same shard ids, checkpoint and settings as the local run: the same scores
+    pairs = table(out, "pairs", s3_bucket.storage_options).drop_columns(["run_id"])
+    local = table(scored_run.out, "pairs").drop_columns(["run_id"])
+    assert pairs.num_rows == 128
+    for name in ("key", "clip_score", "loss"):
+        assert pairs[name].equals(local[name])
+    # the val direction was solved alone here (with the task query there): equal up to batching round-off
+    torch.testing.assert_close(torch.tensor(pairs["ecif_is"].to_numpy()), torch.tensor(local["ecif_is"].to_numpy()),
+                               rtol=1e-6, atol=1e-12)
