@@ -95,17 +95,17 @@ def test_notebook_api_scores_traces_and_edits(digits_corpus, micro_pretrained, t
         assert values == sorted(values, reverse=True)
 
 
-def test_trace_command_writes_the_trace_table(digits_corpus, micro_pretrained, tmp_path, capsys):
+def test_trace_command_writes_the_trace_table(ray_cluster, digits_corpus, heads_ckpt, tmp_path, capsys):
     from ecif_ray.cli import main
     from ecif_ray.tables.views import connect
 
-    ft = train(TrainConfig(train=str(digits_corpus / "train"), init=str(micro_pretrained), params={"kind": "heads"},
-                           segment_size=16, epochs=2, lr=1e-2, delta=1e-2, out=str(tmp_path / "ft"), progress=False))
     run = tmp_path / "run"
-    assert main(["trace", "--ckpt", str(ft), "--train", str(digits_corpus / "train"), "--test",
-                 str(digits_corpus / "test"), "--out", str(run), "--top-k", "3", "--max-examples", "2"]) == 0
-    assert "traced 2 mispredicted test examples" in capsys.readouterr().out
-    rows = connect(str(run)).execute(
-        "SELECT query_id, rank, shard, key, relative_is FROM trace ORDER BY query_id, rank").fetchall()
+    assert main(["trace", "--ckpt", str(heads_ckpt), "--train", str(digits_corpus / "train"), "--test",
+                 str(digits_corpus / "test"), "--out", str(run), "--top-k", "3", "--max-examples", "2",
+                 "--curvature-segments", "4", "--workers", "2"]) == 0
+    con = connect(str(run))
+    rows = con.execute("SELECT query_id, rank, shard, key, relative_is FROM trace ORDER BY query_id, rank").fetchall()
     assert len(rows) == 6 and [r[1] for r in rows] == [1, 2, 3, 1, 2, 3]
     assert all(rows[i][4] >= rows[i + 1][4] for i in (0, 1, 3, 4))
+    # The same run scored every training pair against the task (zero-shot) loss.
+    assert con.execute("SELECT count(*), min(query) FROM pairs").fetchall() == [(128, "task")]
