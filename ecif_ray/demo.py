@@ -107,10 +107,15 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: in
         "per-pair loss (high = suspicious)": detection_metrics(rows["loss"], truth),
     }
     print_report(con, quality)
+    from ecif_ray.report import build_report
+
+    report = build_report(str(work / "run"), str(work / "report"), truth=str(corpus / "truth.parquet"))
+    print(f"[demo] report: {report}")
     summary = {"dataset": plan.dataset, "arch": plan.arch, "pairs": len(truth),
                "misaligned": int(truth.sum()), "exit_code": result.exit_code, "detection": quality,
                "timings": {k: round(v, 1) for k, v in timings.items()},
-               "wall_time_s": round(time.perf_counter() - started, 1), "run_dir": str(work / "run")}
+               "wall_time_s": round(time.perf_counter() - started, 1), "run_dir": str(work / "run"),
+               "report": str(report)}
     (work / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[demo] finished in {summary['wall_time_s']} s; summary in {work / 'demo_summary.json'}")
     return summary
