@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _field_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    # Nested fields (params.lora_rank) are flat flags on the command line (--lora-rank).
-    field = str(err["loc"][-1]).replace("_", "-") if err["loc"] else ""
+    # Fields nested in params/solver are flat flags (--lora-rank, --tol); trace.* are --trace-*.
+    parts = [str(p) for p in err["loc"] if p not in ("params", "solver")]
+    field = "-".join(parts).replace("_", "-")
     return f"--{field}: {err['msg']}" if field else err["msg"]
 
 

@@ -29,7 +29,8 @@ from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
-from ecif_ray.tables.schema import PAIRS, TRACE, conform
+from ecif_ray.tables.rows import pair_rows
+from ecif_ray.tables.schema import TRACE, conform
 
 
 def sample_segments(batches: list[PairBatch], count: int, seed: int = 0) -> list[PairBatch]:
@@ -43,21 +44,7 @@ def sample_segments(batches: list[PairBatch], count: int, seed: int = 0) -> list
 def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.Table:
     """The ``pairs`` schema in long format: one row per (pair, query). Positive ecif_is =
     removing the pair lowers that query's loss = harmful."""
-    columns: dict[str, list] = {name: [] for name in PAIRS.names}
-    for seg in scores:
-        for q, query in enumerate(query_names):
-            columns["shard"] += [seg.shard] * len(seg)
-            columns["key"] += seg.keys
-            columns["shard_index"] += seg.shard_indices
-            columns["segment"] += [seg.segment] * len(seg)
-            columns["caption"] += seg.captions
-            columns["clip_score"] += seg.clip_score.tolist()
-            columns["loss"] += seg.loss.tolist()
-            columns["query"] += [query] * len(seg)
-            columns["pos_is"] += seg.pos_is[q].tolist()
-            columns["neg_is"] += seg.neg_is[q].tolist()
-            columns["ecif_is"] += seg.ecif_is[q].tolist()
-    return conform("pairs", columns)
+    return pa.concat_tables([conform("pairs", pair_rows(scores, query_names, q)) for q in range(len(query_names))])
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ecif_ray.data.shards import Shard
 from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, trace_segment
+from ecif_ray.tables.rows import error_rows, pair_rows, score_rows
 from ecif_ray.tables.store import RunStore, ShardRecord
 
 
@@ -108,45 +109,6 @@ def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores]
     return record
 
 
-def pair_rows(results: Sequence[SegmentScores], queries: Sequence[str]) -> dict[str, list]:
-    """``pairs`` columns: identities, CLIP score, own loss and the primary query's scores."""
-    rows: dict[str, list] = {name: [] for name in ("shard", "key", "shard_index", "segment", "caption",
-                                                   "clip_score", "loss", "query", "pos_is", "neg_is", "ecif_is")}
-    for r in results:
-        n = len(r)
-        rows["shard"] += [r.shard] * n
-        rows["key"] += r.keys
-        rows["shard_index"] += r.shard_indices
-        rows["segment"] += [r.segment] * n
-        rows["caption"] += r.captions
-        rows["clip_score"] += _floats(r.clip_score)
-        rows["loss"] += _floats(r.loss)
-        rows["query"] += [queries[0]] * n
-        rows["pos_is"] += _floats(r.pos_is[0])
-        rows["neg_is"] += _floats(r.neg_is[0])
-        rows["ecif_is"] += _floats(r.ecif_is[0])
-    return rows
-
-
-def score_rows(results: Sequence[SegmentScores], queries: Sequence[str]) -> dict[str, list]:
-    """``scores`` columns: one row per further query (all but the primary) and pair."""
-    rows: dict[str, list] = {name: [] for name in ("query", "shard", "key", "pos_is", "neg_is", "ecif_is")}
-    for q, query in enumerate(queries[1:], start=1):
-        for r in results:
-            rows["query"] += [query] * len(r)
-            rows["shard"] += [r.shard] * len(r)
-            rows["key"] += r.keys
-            rows["pos_is"] += _floats(r.pos_is[q])
-            rows["neg_is"] += _floats(r.neg_is[q])
-            rows["ecif_is"] += _floats(r.ecif_is[q])
-    return rows
-
-
-def error_rows(errors: Sequence[ErrorRecord]) -> dict[str, list]:
-    return {"shard": [e.shard for e in errors], "key": [e.key for e in errors], "stage": [e.stage for e in errors],
-            "error": [e.error for e in errors], "message": [e.message for e in errors]}
-
-
 def top_pairs(results: Sequence[SegmentScores], k: int) -> list[dict[str, Any]]:
     """The shard's ``k`` most harmful pairs by the primary ecif_is (the driver merges them)."""
     if k <= 0 or not results:
@@ -156,7 +118,3 @@ def top_pairs(results: Sequence[SegmentScores], k: int) -> list[dict[str, Any]]:
     best = np.argsort(-scores, kind="stable")[:k]
     return [{"shard": where[j][0].shard, "key": where[j][0].keys[where[j][1]],
              "caption": where[j][0].captions[where[j][1]], "ecif_is": float(scores[j])} for j in best]
-
-
-def _floats(values: torch.Tensor) -> list[float]:
-    return values.double().tolist()
