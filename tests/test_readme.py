@@ -38,3 +38,10 @@ def test_every_command_has_help_with_an_example(capsys):
         assert exc.value.code == 0
         out = capsys.readouterr().out
         assert re.search(r"example:\n  ecif-ray ", out), f"{name} --help has no example"
+
+
+def test_cli_reference_is_current():
+    from ecif_ray.cli.reference import render
+
+    hint = "regenerate: python -m ecif_ray.cli.reference > docs/cli.md"
+    assert (ROOT / "docs" / "cli.md").read_text() == render(), hint
