@@ -20,8 +20,9 @@ from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import PairBatch
 from ecif_ray.influence.autodiff import Params, segment_vjp
 from ecif_ray.influence.contrastive import pair_terms, segment_loss
-from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings
-from ecif_ray.influence.solvers import Matvec, conjugate_gradient
+from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings, solve_directions
+from ecif_ray.influence.queries import QueryGradients
+from ecif_ray.influence.solvers import Matvec
 from ecif_ray.influence.task import InfluenceTask
 
 
@@ -69,6 +70,7 @@ def edit(task: InfluenceTask, batches: list[PairBatch], removed: ExclusionSet, m
     """Δθ for removing ``removed`` from the training set (no retraining)."""
     count = sum(removed.contains(b.shard, k) for b in batches for k in b.keys)
     g = removal_gradient(task, batches, removed) / task.n_train
-    result = conjugate_gradient(matvec, g[:, None], task.delta, tol=settings.tol, max_iter=settings.max_iter)
-    return Edit(delta_theta=task.unflatten(result.x[:, 0]), removed_pairs=int(count),
-                relative_residual=float(result.relative_residual.max()), iterations=result.iterations)
+    # The same (preconditioned) solve as every query direction: Δθ = (G + δI)⁻¹ ∇F_{D*} / N.
+    solved = solve_directions(task, QueryGradients(["edit"], g[None], torch.zeros(1)), matvec, settings)
+    return Edit(delta_theta=task.unflatten(solved.vectors[0]), removed_pairs=int(count),
+                relative_residual=float(solved.relative_residual.max()), iterations=solved.iterations)

@@ -102,7 +102,8 @@ class ECIF:
         return conform("trace", pa.Table.from_pylist(top.rows()))
 
     def edit(self, removed: ExclusionSet) -> Edit:
-        return edit(self.task, self.train_batches, removed, local_matvec(self.task, self.curvature), self.solver)
+        return edit(self.task, self.train_batches, removed, local_matvec(self.task, self.curvature, self.solver.chunk),
+                    self.solver)
 
     def apply_edit(self, change: Edit) -> None:
         """Write θ̃ = θ̂ + Δθ into the model (save it with models.checkpoint.save_checkpoint)."""
