@@ -262,3 +262,27 @@ def write_outputs(stem: Path, payload: dict, rows: Sequence[dict]) -> list[Path]
         writer.writeheader()
         writer.writerows(rows)
     return [json_path, csv_path]
+
+
+def add_method_flags(p) -> None:
+    """Flags shared by detection.py and removal.py: how each method is run and where the cache is."""
+    p.add_argument("--curvature-segments", type=int, default=32)
+    p.add_argument("--trak-proj-dim", type=int, default=2048)
+    p.add_argument("--damped-delta", type=float, default=0.1, help="analysis damping δ of the ecif-damped method")
+    p.add_argument("--trak-lambda", type=float, default=1.0, help="λ of the trak-reg method")
+    p.add_argument("--pretrain-size", type=int, default=None, help="override the recipe (smoke tests)")
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="override the recipe (smoke tests)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="override the recipe (smoke tests)")
+    p.add_argument("--work", default=str(DEFAULT_WORK), help="cache of corpora and checkpoints")
+
+
+def grid_rows(args, label: str, run_setting) -> list[dict]:
+    """Run ``run_setting(seed, noise, kind, subset)`` over the grid the flags select."""
+    rows: list[dict] = []
+    for seed in args.seeds:
+        for kind in args.kinds:
+            for noise in args.noise:
+                for subset in args.subsets:
+                    print(f"[{label}] seed {seed} {kind} {noise:.0%} {subset}", flush=True)
+                    rows += run_setting(seed, noise, kind, subset)
+    return rows

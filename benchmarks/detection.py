@@ -32,17 +32,19 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import (
-    DEFAULT_WORK,
     RESULTS,
     Recipe,
+    add_method_flags,
     aggregate,
     corpus,
     finetune,
+    grid_rows,
     included_rows,
     locked,
     machine_notes,
@@ -333,14 +335,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subsets", nargs="+", default=["heads", "lora"], choices=["heads", "lora"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--curvature-segments", type=int, default=32)
-    p.add_argument("--trak-proj-dim", type=int, default=2048)
-    p.add_argument("--damped-delta", type=float, default=0.1, help="analysis damping δ of the ecif-damped method")
-    p.add_argument("--trak-lambda", type=float, default=1.0, help="λ of the trak-reg method")
-    p.add_argument("--pretrain-size", type=int, default=None, help="override the recipe (smoke tests)")
-    p.add_argument("--pretrain-epochs", type=int, default=None, help="override the recipe (smoke tests)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="override the recipe (smoke tests)")
-    p.add_argument("--work", default=str(DEFAULT_WORK), help="cache of corpora and checkpoints")
+    add_method_flags(p)
     p.add_argument("--out", default=str(RESULTS / "detection"), help="output stem (.json/.csv/.png)")
     p.add_argument("--include", nargs="*", default=[], help="earlier outputs (.json) whose rows join the tables")
     return p.parse_args(argv)
@@ -351,13 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = recipe_for(args.dataset, args.pretrain_size, args.pretrain_epochs, args.finetune_epochs)
     started = time.perf_counter()
-    rows: list[dict] = []
-    for seed in args.seeds:
-        for kind in args.kinds:
-            for noise in args.noise:
-                for subset in args.subsets:
-                    print(f"[detection] seed {seed} {kind} {noise:.0%} {subset}", flush=True)
-                    rows += run_setting(args, recipe, seed, noise, kind, subset)
+    rows = grid_rows(args, "detection", partial(run_setting, args, recipe))
     rows = included_rows(args.include, rows, ["dataset", "train_size", "subset", "noise_kind", "noise", "seed",
                                               "method"])
     summary = aggregate(rows, ["subset", "noise_kind", "noise", "method"],
