@@ -29,17 +29,22 @@ def test_predicted_is_tracks_leave_one_out_and_leave_group_out_retraining(experi
     keys = sorted(scores)
     singles = [[k] for k in rng.sample(keys, 30)]
     groups = [rng.sample(keys, round(0.05 * len(keys))) for _ in range(10)]
-    results = {}
+    results, points = {}, []
     for name, sets in (("single", singles), ("group", groups)):
         actual = np.array([leave_out.actual_change(ExclusionSet.from_entries((None, k) for k in s)) for s in sets])
         ecif = np.array([sum(sum(scores[k]) for k in s) for s in sets])
         pos_only = np.array([sum(scores[k][0] for k in s) for s in sets])
         results[name] = (agreement(actual, ecif), agreement(actual, pos_only))
+        points.append((actual, ecif, pos_only))
+    actual, ecif, pos_only = (np.concatenate(parts) for parts in zip(*points, strict=True))
+    results["all"] = (agreement(actual, ecif), agreement(actual, pos_only))
     for name, (ecif, _) in results.items():
         assert ecif["spearman"] >= 0.9, (name, ecif)
         assert 0.7 <= ecif["slope"] <= 1.3, (name, ecif)
-    # The classical pointwise IF (positive role only) ranks leave-one-out effects worse.
-    assert results["single"][0]["spearman"] > results["single"][1]["spearman"], results
+    # The classical pointwise IF (positive role only) ranks the removal effects worse: on single
+    # pairs and on all 40 removals together (on the 10 groups alone the two are within noise).
+    for name in ("single", "all"):
+        assert results[name][0]["spearman"] > results[name][1]["spearman"], (name, results)
 
 
 def test_edit_tracks_retraining_without_the_set(experiment, digits_corpus):
