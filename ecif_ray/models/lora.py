@@ -76,10 +76,3 @@ def add_lora(attn: nn.MultiheadAttention, rank: int, alpha: float, targets: Iter
 def is_lora_param(name: str) -> bool:
     return ".lora_A_" in name or ".lora_B_" in name
 
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold every adapter into its base weight and remove the parametrizations (for export)."""
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
