@@ -73,3 +73,17 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {r["subset"] for r in rows} == {"heads", "lora"}
     assert all(finite([r["inference_pairs_per_s"], r["scoring_pairs_per_s"], r["ratio"]]) for r in rows)
+
+
+def test_throughput_gpu_smoke(tmp_path: Path, ray_auth_token: Path) -> None:
+    """The GPU script's both halves on CPU at micro size: side by side, then the pipeline on its own Ray."""
+    out = tmp_path / "gpu"
+    run("throughput_gpu.py", "--device", "cpu", "--arch", "ecif-micro", "--subsets", "heads", "--segment-sizes", "16",
+        "--segments", "2", "--rounds", "1", "--pairs", "64", "--shard-size", "32", "--workers", "1",
+        "--work", str(tmp_path / "work"), "--out", str(out))
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["subset"], r["device"]) for r in payload["side_by_side"]] == [("heads", "cpu")]
+    (run_row,) = payload["pipeline"]
+    assert run_row["pairs"] == 64 and run_row["devices"] == ["cpu"]
+    assert finite([run_row["pairs_per_s"], run_row["curvature_s"]])
+    assert all(w["peak_rss_bytes"] > 0 for w in run_row["memory"]["workers"])

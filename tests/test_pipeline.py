@@ -136,6 +136,10 @@ def test_lineage_in_manifest_and_parquet_metadata(scored_run, heads_ckpt):
     assert manifest.curvature["segments"] == 4 and manifest.curvature["pairs"] == 64
     assert manifest.counts["pairs"] == 128 and manifest.counts["errors"] == 0
     assert {"startup_s", "curvature_s", "scoring_s", "total_s"} <= set(manifest.timings)
+    workers = manifest.memory["workers"]
+    assert len(workers) == 2 and all(0 < w["ready_peak_rss_bytes"] <= w["peak_rss_bytes"] and w["pid"]
+                                     for w in workers)
+    assert manifest.memory["driver_peak_rss_bytes"] > 0
     assert manifest.code_version and "storage_options" in manifest.config
 
     files = sorted(Path(scored_run.out, "pairs", f"run_id={scored_run.run_id}").glob("*.parquet"))

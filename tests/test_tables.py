@@ -20,6 +20,7 @@ from ecif_ray.tables import (
     write_manifest,
 )
 from ecif_ray.tables.schema import conform, empty
+from ecif_ray.tables.store import MANIFEST
 
 RUN = "r1"
 
@@ -55,6 +56,16 @@ def write_run(store: RunStore, run_id: str = RUN) -> dict[str, ShardRecord]:
                                      errors=len(files) - 1)
         store.commit_shard(records[shard])
     return records
+
+
+def test_manifest_without_memory_still_loads(tmp_path):
+    """Manifests written before peak memory was recorded (no ``memory`` key) load for a resume."""
+    store = RunStore(str(tmp_path))
+    data = manifest().model_dump(mode="json")
+    del data["memory"]
+    store.put_json(MANIFEST, data)
+    loaded = read_manifest(store)
+    assert loaded is not None and loaded.memory == {} and loaded.memory.get("workers", []) == []
 
 
 def test_conform_casts_and_refuses_wrong_columns():

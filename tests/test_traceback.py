@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import duckdb
 import pytest
 import torch
@@ -11,6 +13,7 @@ from ecif_ray.data.segments import load_segments
 from ecif_ray.evaluation import find_classes
 from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import local_matvec
+from ecif_ray.influence.edit import edit
 from ecif_ray.influence.engine import ECIF
 from ecif_ray.influence.queries import ValidationQuery
 from ecif_ray.influence.solvers import dense_solve
@@ -68,6 +71,8 @@ def test_notebook_api_scores_traces_and_edits(digits_corpus, micro_pretrained, t
     ft = train(TrainConfig(train=str(digits_corpus / "train"), init=str(micro_pretrained), params={"kind": "heads"},
                            segment_size=16, epochs=3, lr=1e-2, delta=1e-2, out=str(tmp_path / "ft"), progress=False))
     engine = ECIF.from_checkpoint(str(ft), str(digits_corpus / "train"), curvature_segments=4)
+    damped = ECIF.from_checkpoint(str(ft), str(digits_corpus / "train"), curvature_segments=4, delta=0.5)
+    assert (engine.task.delta, damped.task.delta) == (1e-2, 0.5)  # the trained δ unless the analysis sets one
     val = engine.load(str(digits_corpus / "val"))
     directions = engine.solve(ValidationQuery(val))
     assert directions.names == ["val"] and directions.converged
@@ -79,12 +84,21 @@ def test_notebook_api_scores_traces_and_edits(digits_corpus, micro_pretrained, t
     assert all(abs(r["ecif_is"] - (r["pos_is"] + r["neg_is"])) <= 1e-6 * abs(r["ecif_is"]) + 1e-12 for r in pairs)
 
     harmful = [k for (k,) in duckdb.sql("SELECT key FROM scores ORDER BY ecif_is DESC LIMIT 3").fetchall()]
-    change = engine.edit(ExclusionSet.from_entries((None, k) for k in harmful))
-    assert change.removed_pairs == 3
+    removed = ExclusionSet.from_entries((None, k) for k in harmful)
+    sketch = engine.preconditioner()  # built by solve(), reused by the edit's solve
+    change = engine.edit(removed)
+    assert change.removed_pairs == 3 and engine.preconditioner() is sketch
+    rebuilt = edit(engine.task, engine.train_batches, removed, engine.matvec(), engine.solver)
+    for name, value in rebuilt.delta_theta.items():
+        torch.testing.assert_close(change.delta_theta[name], value, rtol=1e-6, atol=1e-12)
+    wrong_delta = dataclasses.replace(sketch, damping=2 * engine.task.delta)
+    with pytest.raises(ValueError, match="preconditioner was built for"):
+        edit(engine.task, engine.train_batches, removed, engine.matvec(), engine.solver, wrong_delta)
     before = {n: p.clone() for n, p in engine.task.params.items()}
     engine.apply_edit(change)  # θ̃ = θ̂ + Δθ in the model itself (its quality: tests/test_fidelity.py)
     for name, value in engine.task.subset.trainable(engine.task.bundle.model).items():
         torch.testing.assert_close(value.detach(), before[name] + change.delta_theta[name])
+    assert engine.preconditioner() is not sketch  # G moved with θ̂
 
     test = engine.load(str(digits_corpus / "test"))
     trace = engine.trace(test, find_classes(str(digits_corpus / "test")), top_k=3, max_examples=4)

@@ -19,7 +19,7 @@ import torch
 from ecif_ray.data.segments import PairBatch
 from ecif_ray.influence.autodiff import ggn_product
 from ecif_ray.influence.queries import QueryGradients
-from ecif_ray.influence.solvers import Matvec, conjugate_gradient, nystrom_preconditioner
+from ecif_ray.influence.solvers import Matvec, NystromPreconditioner, conjugate_gradient, nystrom_preconditioner
 from ecif_ray.influence.task import InfluenceTask
 
 Preconditioner = Literal["none", "nystrom"]
@@ -82,16 +82,32 @@ class Directions:
                           self.iterations, self.converged, self.settings, self.seconds)
 
 
+def build_preconditioner(task: InfluenceTask, matvec: Matvec,
+                         settings: SolverSettings = DEFAULT_SOLVER) -> NystromPreconditioner | None:
+    """The settings' preconditioner of (G + δI) on ``matvec``'s curvature sample (None: plain CG).
+
+    It depends only on G, δ and the settings, not on the right-hand sides: build it once and pass
+    it to every solve on the same sample (its sketch costs ``nystrom_rank`` products with G)."""
+    if settings.preconditioner != "nystrom":
+        return None
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    return nystrom_preconditioner(matvec, task.dim, min(settings.nystrom_rank, task.dim), task.delta,
+                                  dtype=task.dtype, device=task.device, generator=generator)
+
+
 def solve_directions(task: InfluenceTask, queries: QueryGradients, matvec: Matvec,
                      settings: SolverSettings = DEFAULT_SOLVER,
-                     callback: Callable[[int, torch.Tensor], None] | None = None) -> Directions:
-    """CG (optionally Nyström-preconditioned) on (G + δI) S = Gᵀ' for all queries at once."""
+                     callback: Callable[[int, torch.Tensor], None] | None = None,
+                     preconditioner: NystromPreconditioner | None = None) -> Directions:
+    """CG (optionally Nyström-preconditioned) on (G + δI) S = Gᵀ' for all queries at once.
+
+    ``preconditioner``: one built earlier by :func:`build_preconditioner` for the same G, δ and
+    settings (default: build it here)."""
     t0 = time.perf_counter()
-    preconditioner = None
-    if settings.preconditioner == "nystrom":
-        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-        preconditioner = nystrom_preconditioner(matvec, task.dim, min(settings.nystrom_rank, task.dim), task.delta,
-                                                dtype=task.dtype, device=task.device, generator=generator)
+    if preconditioner is None:
+        preconditioner = build_preconditioner(task, matvec, settings)
+    elif preconditioner.damping != task.delta:
+        raise ValueError(f"the preconditioner was built for δ = {preconditioner.damping}, the task has {task.delta}")
     result = conjugate_gradient(matvec, queries.gradients.T.contiguous(), task.delta, tol=settings.tol,
                                 max_iter=settings.max_iter, preconditioner=preconditioner, callback=callback)
     residual = result.relative_residual.reshape(-1)

@@ -22,7 +22,7 @@ from ecif_ray.influence.autodiff import Params, segment_vjp
 from ecif_ray.influence.contrastive import pair_terms, segment_loss
 from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings, solve_directions
 from ecif_ray.influence.queries import QueryGradients
-from ecif_ray.influence.solvers import Matvec
+from ecif_ray.influence.solvers import Matvec, NystromPreconditioner
 from ecif_ray.influence.task import InfluenceTask
 
 
@@ -66,11 +66,12 @@ class Edit:
 
 
 def edit(task: InfluenceTask, batches: list[PairBatch], removed: ExclusionSet, matvec: Matvec,
-         settings: SolverSettings = DEFAULT_SOLVER) -> Edit:
+         settings: SolverSettings = DEFAULT_SOLVER, preconditioner: NystromPreconditioner | None = None) -> Edit:
     """Δθ for removing ``removed`` from the training set (no retraining)."""
     count = sum(removed.contains(b.shard, k) for b in batches for k in b.keys)
     g = removal_gradient(task, batches, removed) / task.n_train
     # The same (preconditioned) solve as every query direction: Δθ = (G + δI)⁻¹ ∇F_{D*} / N.
-    solved = solve_directions(task, QueryGradients(["edit"], g[None], torch.zeros(1)), matvec, settings)
+    solved = solve_directions(task, QueryGradients(["edit"], g[None], torch.zeros(1)), matvec, settings,
+                              preconditioner=preconditioner)
     return Edit(delta_theta=task.unflatten(solved.vectors[0]), removed_pairs=int(count),
                 relative_residual=float(solved.relative_residual.max()), iterations=solved.iterations)

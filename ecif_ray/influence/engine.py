@@ -22,10 +22,18 @@ from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import PairBatch, load_segments
 from ecif_ray.evaluation import ClassSet
 from ecif_ray.influence.contrastive import NegativeTerm
-from ecif_ray.influence.curvature import DEFAULT_SOLVER, Directions, SolverSettings, local_matvec, solve_directions
+from ecif_ray.influence.curvature import (
+    DEFAULT_SOLVER,
+    Directions,
+    SolverSettings,
+    build_preconditioner,
+    local_matvec,
+    solve_directions,
+)
 from ecif_ray.influence.edit import Edit, edit
 from ecif_ray.influence.queries import ExampleQuery, QueryGradients, stack_queries
 from ecif_ray.influence.scoring import SegmentScores, score_segment
+from ecif_ray.influence.solvers import Matvec, NystromPreconditioner
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
@@ -54,18 +62,21 @@ class ECIF:
     solver: SolverSettings = DEFAULT_SOLVER
     train_batches: list[PairBatch] = field(default_factory=list)
     segment_size: int = 32
+    _preconditioner: NystromPreconditioner | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str, train: str | list[str], *, curvature_segments: int = 32,
                         negative_term: NegativeTerm = "exact", solver: SolverSettings = DEFAULT_SOLVER,
-                        device: str = "cpu", storage_options: dict | None = None) -> ECIF:
-        """Load θ̂ and the training segments (in memory: for corpora that fit; use the pipeline beyond)."""
+                        delta: float | None = None, device: str = "cpu",
+                        storage_options: dict | None = None) -> ECIF:
+        """Load θ̂ and the training segments (in memory: for corpora that fit; use the pipeline beyond).
+        ``delta``: δ of the analysis (default: the checkpoint's; docs/concepts.md on when to raise it)."""
         checkpoint = load_checkpoint(ckpt, device)
         batches, _ = load_segments(train, segment_size=checkpoint.meta.segment_size,
                                    preprocess=checkpoint.bundle.preprocess, tokenizer=checkpoint.bundle.tokenizer,
                                    storage_options=storage_options)
         n_train = int(checkpoint.meta.training.get("n_pairs") or sum(len(b) for b in batches))
-        task = InfluenceTask.from_checkpoint(checkpoint, n_train, negative_term)
+        task = InfluenceTask.from_checkpoint(checkpoint, n_train, negative_term, delta)
         return cls(task, sample_segments(batches, curvature_segments, solver.seed), solver, batches,
                    checkpoint.meta.segment_size)
 
@@ -79,8 +90,19 @@ class ECIF:
     def solve(self, *queries) -> Directions:
         """One iHVP per query direction, solved together."""
         grads: QueryGradients = stack_queries([q.gradients(self.task) for q in queries])
-        return solve_directions(self.task, grads, local_matvec(self.task, self.curvature, self.solver.chunk),
-                                self.solver)
+        return solve_directions(self.task, grads, self.matvec(), self.solver, preconditioner=self.preconditioner())
+
+    def matvec(self) -> Matvec:
+        """G·V on the curvature sample at the current θ̂."""
+        return local_matvec(self.task, self.curvature, self.solver.chunk)
+
+    def preconditioner(self) -> NystromPreconditioner | None:
+        """Built on first use and shared by every later solve (queries, trace, edits): the sketch
+        is most of a solve's cost. Rebuilt when δ changes; apply_edit drops it (θ̂ moves)."""
+        cached = self._preconditioner
+        if cached is None or cached.damping != self.task.delta:
+            self._preconditioner = build_preconditioner(self.task, self.matvec(), self.solver)
+        return self._preconditioner
 
     def score(self, batches: list[PairBatch], directions: Directions) -> pa.Table:
         return scores_to_arrow([score_segment(self.task, b, directions.vectors) for b in batches], directions.names)
@@ -94,20 +116,19 @@ class ECIF:
         if not wrong:
             return TRACE.empty_table()
         directions = self.solve(ExampleQuery(wrong, classes))
-        basis = curvature_basis(self.task, local_matvec(self.task, self.curvature, self.solver.chunk), rank,
-                                self.solver.seed)
+        basis = curvature_basis(self.task, self.matvec(), rank, self.solver.seed)
         top = TopK(directions.names, top_k)
         for batch in self.train_batches if train_batches is None else train_batches:
             top.add(batch, trace_segment(self.task, batch, directions.vectors, basis))
         return conform("trace", pa.Table.from_pylist(top.rows()))
 
     def edit(self, removed: ExclusionSet) -> Edit:
-        return edit(self.task, self.train_batches, removed, local_matvec(self.task, self.curvature, self.solver.chunk),
-                    self.solver)
+        return edit(self.task, self.train_batches, removed, self.matvec(), self.solver, self.preconditioner())
 
     def apply_edit(self, change: Edit) -> None:
         """Write θ̃ = θ̂ + Δθ into the model (save it with models.checkpoint.save_checkpoint)."""
         with torch.no_grad():
             for name, p in self.task.subset.trainable(self.task.bundle.model).items():
                 p.add_(change.delta_theta[name].to(p))  # task.params share storage: θ̂ becomes θ̃
+        self._preconditioner = None  # G is evaluated at θ̂, which just moved
 

@@ -53,6 +53,7 @@ def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
                                        failure_writer(prep, directions, meta))
             outcome = scheduler.run(pending)
             result.timings["scoring_s"] = round(time.perf_counter() - t2, 3)
+            result.worker_memory = pool.memory()
         finally:
             result.worker_failures = pool.failures
             pool.shutdown()

@@ -77,6 +77,16 @@ class WorkerPool:
         self.actors[self.actors.index(dead)] = fresh
         return fresh
 
+    def memory(self) -> list[dict[str, Any]]:
+        """Each live actor's pid, host and peak RSS in bytes (``InfluenceWorker.memory``); a dead one is left out."""
+        out = []
+        for actor in self.actors:
+            try:
+                out.append(ray.get(actor.memory.remote()))
+            except RayActorError:
+                continue
+        return out
+
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)

@@ -110,8 +110,14 @@ def _resources(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items() if v) + " per worker"
 
 
+def _memory_text(memory: dict[str, Any]) -> str:
+    workers = ", ".join(f"{w['peak_rss_bytes'] / 2**20:.0f}" for w in memory.get("workers", [])) or "n/a"
+    return (f"peak RSS: driver {memory.get('driver_peak_rss_bytes', 0) / 2**20:.0f} MiB, "
+            f"workers {workers} MiB")
+
+
 def format_summary(result: ScoreResult) -> str:
-    """The end-of-run report: counts, errors, top flagged pairs, time per pass."""
+    """The end-of-run report: counts, errors, top flagged pairs, time per pass, peak memory."""
     m = result.manifest
     c, t = m.counts, m.timings
     stages = ", ".join(f"{k} {v}" for k, v in sorted(c.get("errors_by_stage", {}).items())) or "none"
@@ -132,6 +138,8 @@ def format_summary(result: ScoreResult) -> str:
         f"scoring {t.get('scoring_s', 0):.1f}s ({c.get('pairs_per_s', 0):.0f} pairs/s), "
         f"total {t.get('total_s', 0):.1f}s",
     ]
+    if m.memory:
+        lines.append(f"  memory    {_memory_text(m.memory)}")
     if c.get("trace_rows"):
         lines.append(f"  trace     {c['trace_rows']} rows: top training pairs per mispredicted test example "
                      f"(SELECT * FROM trace ORDER BY query_id, rank)")

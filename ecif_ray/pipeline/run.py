@@ -44,6 +44,7 @@ from ecif_ray.models.checkpoint import (
 )
 from ecif_ray.pipeline.events import Emitter, Listener, RunFinished, RunStarted
 from ecif_ray.pipeline.progress import ProgressDisplay
+from ecif_ray.pipeline.worker import peak_rss_bytes
 from ecif_ray.tables.manifest import Manifest, now, read_manifest, write_manifest
 from ecif_ray.tables.store import RunStore, ShardRecord
 
@@ -121,6 +122,7 @@ class PassResult:
     retries: int = 0
     worker_failures: int = 0
     workers: dict[str, Any] = field(default_factory=dict)
+    worker_memory: list[dict[str, Any]] = field(default_factory=list)  # pid, host, peak_rss_bytes per live actor
     timings: dict[str, float] = field(default_factory=dict)
     pairs_scored: int = 0
 
@@ -265,6 +267,8 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
         manifest.counts["trace_rows"] = write_trace(prep, records.values())
     manifest.timings = {**passes.timings, "total_s": round(seconds, 3)}
     manifest.workers = passes.workers or manifest.workers
+    manifest.memory = {"driver_peak_rss_bytes": peak_rss_bytes(),
+                       "workers": passes.worker_memory or manifest.memory.get("workers", [])}
     history = list(getattr(manifest, "invocations", None) or [])
     history.append({"finished_at": now(), "shards_scored": len(passes.records), "timings": manifest.timings})
     manifest.invocations = history  # type: ignore[attr-defined]  (extra field)

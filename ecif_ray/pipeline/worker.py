@@ -12,8 +12,11 @@ for vectors, dataclasses for requests and results.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import socket
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -95,10 +98,17 @@ class InfluenceWorker:
                                   storage_options=settings.storage_options)
         self.store = RunStore(settings.out, settings.storage_options)
         self.curvature: dict[int, list[PairBatch]] = {}
+        self.ready_rss = peak_rss_bytes()  # the floor: interpreter, libraries and the model, before any work
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device, "dim": self.task.dim,
                 "dtype": str(self.task.dtype).removeprefix("torch.")}
+
+    def memory(self) -> dict[str, Any]:
+        """This actor's process, its peak resident set size so far and that peak when the model was loaded
+        (bytes); the difference is what the work itself took."""
+        return {"pid": os.getpid(), "host": socket.gethostname(), "peak_rss_bytes": peak_rss_bytes(),
+                "ready_peak_rss_bytes": self.ready_rss}
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -168,6 +178,20 @@ class InfluenceWorker:
             U, eigenvalues = (torch.tensor(a, device=self.task.device, dtype=self.task.dtype) for a in basis)
             curvature = CurvatureBasis(U=U, eigenvalues=eigenvalues, delta=self.task.delta)
         yield from score_shard(self.task, self.inputs, job, vectors, self.store, curvature)
+
+
+def peak_rss_bytes() -> int:
+    """The calling process's peak resident set size in bytes.
+
+    On Linux ``VmHWM`` of /proc/self/status: ``ru_maxrss`` (KiB) there also counts the parent's RSS at
+    the fork that preceded this process's exec, so a small driver started by a large process would
+    report the parent's size. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -> InfluenceTask:

@@ -4,8 +4,9 @@ The manifest is written when a run starts (status ``running``) and rewritten whe
 (``complete``, or ``incomplete`` when some shard could not be scored). It records everything
 needed to know where a score came from: the config (storage options redacted), the checkpoint
 sha256 and its analysis settings, the query names, solver settings and outcome, the curvature
-sample, counts, timings and the code version. ``fingerprint`` is the sha256 of
-``score_inputs``: a rerun on the same directory must reproduce it, or it is refused.
+sample, counts, timings, peak memory (driver and workers) and the code version. ``fingerprint``
+is the sha256 of ``score_inputs``: a rerun on the same directory must reproduce it, or it is
+refused.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Manifest(BaseModel):
     counts: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per pass
     workers: dict[str, Any] = Field(default_factory=dict)
+    memory: dict[str, Any] = Field(default_factory=dict)  # peak RSS bytes: driver_peak_rss_bytes, workers
     code_version: str = ""
 
 
