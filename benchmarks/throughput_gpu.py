@@ -105,12 +105,14 @@ def pipeline_runs(args: argparse.Namespace, work: Path) -> Iterator[dict]:
                 shutil.rmtree(out, ignore_errors=True)
                 config = ScoreConfig(
                     ckpt=str(ckpt), train=str(train), val=str(val), out=str(out), workers=workers,
-                    num_gpus_per_worker=gpus / workers if gpus else 0, dtype="float32", progress=False,
+                    num_gpus_per_worker=gpus / workers if gpus else 0, threads_per_worker=args.threads_per_worker,
+                    dtype="float32", progress=False,
                     curvature_segments=args.curvature_segments, curvature_shards=args.curvature_segments,
                     solver=SolverConfig(nystrom_rank=args.nystrom_rank, max_iter=args.max_iter, tol=1e-3, chunk=4))
                 t0 = time.perf_counter()
                 manifest = run_score(config).manifest
                 yield {"arch": args.arch, "subset": subset, "workers": workers,
+                       "threads_per_worker": args.threads_per_worker,
                        "gpus_per_worker": config.num_gpus_per_worker, "segment_size": segment,
                        "pairs": manifest.counts["pairs"], "pairs_per_s": manifest.counts["pairs_per_s"],
                        "scoring_s": manifest.timings["scoring_s"], "startup_s": manifest.timings["startup_s"],
@@ -124,9 +126,10 @@ def pipeline_runs(args: argparse.Namespace, work: Path) -> Iterator[dict]:
 
 def pipeline_table(rows: list[dict]) -> str:
     return markdown_table(
-        ["arch", "subset", "workers", "GPU per worker", "segment", "pairs", "scoring pairs/s", "scoring s",
-         "actor start s", "curvature s", "actor devices"],
-        [[r["arch"], r["subset"], r["workers"], f"{r['gpus_per_worker']:g}", r["segment_size"], r["pairs"],
+        ["arch", "subset", "workers", "GPU per worker", "threads per worker", "segment", "pairs", "scoring pairs/s",
+         "scoring s", "actor start s", "curvature s", "actor devices"],
+        [[r["arch"], r["subset"], r["workers"], f"{r['gpus_per_worker']:g}", r.get("threads_per_worker", 1),
+          r["segment_size"], r["pairs"],
           f"{r['pairs_per_s']:.0f}", f"{r['scoring_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['curvature_s']:.1f}",
           " ".join(r["devices"])] for r in rows])
 
@@ -150,10 +153,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=8192, help="synthetic training pairs for the pipeline runs")
     p.add_argument("--shard-size", type=int, default=512)
     p.add_argument("--workers", nargs="+", type=int, default=[1, 4], help="actors per run (sharing the GPUs)")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs per actor (image-decoding threads on GPU)")
     p.add_argument("--curvature-segments", type=int, default=2)
     p.add_argument("--nystrom-rank", type=int, default=8)
     p.add_argument("--max-iter", type=int, default=10)
     p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-side-by-side", action="store_true")
     p.add_argument("--work", default=str(RESULTS / "tmp" / "throughput_gpu"))
     p.add_argument("--out", default=str(RESULTS / "throughput_gpu"), help="output stem (.json)")
     return p.parse_args(argv)
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    rates = side_by_side(args)
+    rates = [] if args.skip_side_by_side else side_by_side(args)
     print(rate_table(rates), flush=True)
     save(out, args, rates, [])
     runs: list[dict] = []

@@ -92,7 +92,8 @@ class ScoreConfig(BaseModel):
                                                   "or a new local cluster")
     workers: int | None = Field(None, ge=1, description="actors (default: one per GPU, else one per CPU)")
     num_gpus_per_worker: float | None = Field(None, ge=0, description="default: 1 when the cluster has GPUs")
-    threads_per_worker: int = Field(1, ge=1, description="torch threads (and CPUs reserved) per actor")
+    threads_per_worker: int = Field(1, ge=1, description="CPUs reserved per actor: torch threads on a CPU actor, "
+                                   "image-decoding threads on a GPU actor")
     max_attempts: int = Field(3, ge=1, description="tries per shard before it is reported as failed")
     max_worker_failures: int | None = Field(None, ge=0,
                                             description="actor deaths tolerated (default 2 × workers + 2)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import webdataset as wds_lib
@@ -127,6 +128,14 @@ def test_every_bad_sample_kind_becomes_one_error_record(tmp_path, wds):
         assert "bad-000000.tar" in error.message and repr(error.key) in error.message
     assert "#13" in errors[-2].message and "#0" in errors[-2].message
     assert list(iter_shard(shard_at(path))) != [] and triples(read_shard(shard_at(path))[1]) == triples(errors)
+
+    with ThreadPoolExecutor(4) as pool:  # decoding on threads (pipeline workers): the same items, in the same order
+        threaded = list(iter_shard(shard_at(path), pool=pool))
+    def identity(i: Sample | ErrorRecord) -> tuple:
+        return (i.key, i.shard_index, i.caption) if isinstance(i, Sample) else (i.key, i.stage, i.error)
+
+    assert [identity(i) for i in threaded] == [identity(i) for i in items]
+    assert [i.image.tobytes() for i in threaded if isinstance(i, Sample)] == [s.image.tobytes() for s in samples]
 
 
 def test_missing_shard_is_an_open_error(tmp_path):

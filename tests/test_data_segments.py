@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,6 +110,9 @@ def test_collate_segment_builds_tensors_and_identities():
     assert batch.images.shape == (3, 3, 2, 2) and batch.images.dtype == torch.float32
     assert batch.tokens.shape == (3, TOKENS) and batch.tokens.dtype == torch.long
     assert batch.to("cpu").keys == batch.keys
+    with ThreadPoolExecutor(2) as pool:  # preprocessing on threads keeps the order
+        threaded = collate_segment(segment, preprocess, tokenizer, pool)
+    assert threaded.keys == batch.keys and torch.equal(threaded.images, batch.images)
 
 
 def test_load_segments_orders_batches_excludes_after_segmenting_and_returns_errors(corpus, tmp_path):

@@ -52,7 +52,8 @@ def add_parser(subparsers) -> None:
                                      "a new local cluster")
     p.add_argument("--workers", type=int, help="actors (default: one per GPU, else one per CPU)")
     p.add_argument("--num-gpus-per-worker", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    p.add_argument("--threads-per-worker", type=int, help="torch threads per actor (default 1)")
+    p.add_argument("--threads-per-worker", type=int,
+                   help="CPUs per actor: torch threads on CPU, image-decoding threads on GPU (default 1)")
     p.add_argument("--max-attempts", type=int, help="tries per shard (default 3)")
     p.add_argument("--max-worker-failures", type=int, help="actor deaths tolerated (default 2 × workers + 2)")
     p.add_argument("--top-k", type=int, help="flagged pairs in the summary (default 10)")

@@ -19,6 +19,10 @@ duplicate  a key seen before in the same shard; the first occurrence is kept
 
 Each bad sample gets exactly one record: the first problem found, checked in the order
 image present, .json, caption, image decoding. Output order is tar order, so it is deterministic.
+
+Decoding may run on a thread pool (``pool``): the tar is still read in order on the calling
+thread, each group is decoded on the pool (Pillow releases the GIL while it decodes), and the
+results come back in tar order, so the output is the same with or without a pool.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -82,8 +87,10 @@ class _Reject(Exception):
         self.stage, self.error, self.message = stage, error, message
 
 
-def iter_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None) -> Iterator[Sample | ErrorRecord]:
-    """Stream one shard's samples and error records in tar order, never raising on bad input."""
+def iter_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None,
+               pool: Executor | None = None) -> Iterator[Sample | ErrorRecord]:
+    """Stream one shard's samples and error records in tar order, never raising on bad input.
+    With ``pool`` the whole shard is read before the first item comes back (decoded in parallel)."""
     with ExitStack() as stack:
         try:
             fileobj = stack.enter_context(open_shard(shard, storage_options))
@@ -91,22 +98,33 @@ def iter_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None) -
             message = f"shard {shard.name}: cannot open {shard.url}: {type(exc).__name__}: {exc}"
             yield ErrorRecord(shard.name, "", "open", type(exc).__name__, message)
             return
-        yield from _decode_groups(shard.name, _read_groups(shard.name, fileobj))
+        yield from _decode_groups(shard.name, _read_groups(shard.name, fileobj), pool)
 
 
 def read_shard(
-    shard: Shard, storage_options: Mapping[str, Any] | None = None
+    shard: Shard, storage_options: Mapping[str, Any] | None = None, pool: Executor | None = None
 ) -> tuple[list[Sample], list[ErrorRecord]]:
     """Read a whole shard into memory: (good samples, error records), both in tar order."""
     samples: list[Sample] = []
     errors: list[ErrorRecord] = []
-    for item in iter_shard(shard, storage_options):
+    for item in iter_shard(shard, storage_options, pool):
         (samples if isinstance(item, Sample) else errors).append(item)
     return samples, errors
 
 
-def _decode_groups(shard: str, items: Iterator[_Group | ErrorRecord]) -> Iterator[Sample | ErrorRecord]:
-    """Number the groups, reject repeated keys, decode the rest."""
+def _decode_groups(shard: str, items: Iterator[_Group | ErrorRecord],
+                   pool: Executor | None = None) -> Iterator[Sample | ErrorRecord]:
+    """Number the groups, reject repeated keys, decode the rest (on ``pool`` when given, in order)."""
+
+    def decode(item: tuple[int, _Group] | ErrorRecord) -> Sample | ErrorRecord:
+        return item if isinstance(item, ErrorRecord) else _decode(shard, *item)
+
+    numbered = _number_groups(shard, items)
+    yield from (pool.map(decode, numbered) if pool is not None else map(decode, numbered))
+
+
+def _number_groups(shard: str, items: Iterator[_Group | ErrorRecord]) -> Iterator[tuple[int, _Group] | ErrorRecord]:
+    """Each group with its ordinal in the shard; a repeated key becomes its ``duplicate`` record."""
     first_seen: dict[str, int] = {}
     index = 0
     for item in items:
@@ -117,7 +135,7 @@ def _decode_groups(shard: str, items: Iterator[_Group | ErrorRecord]) -> Iterato
             yield _duplicate(shard, item.key, index, first_seen[item.key])
         else:
             first_seen[item.key] = index
-            yield _decode(shard, index, item)
+            yield index, item
         index += 1
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,18 +119,22 @@ def shard_segments(
     segment_size: int,
     exclude: ExclusionSet | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    pool: Executor | None = None,
 ) -> tuple[list[Segment], list[ErrorRecord]]:
-    """Read one shard and form its segments (segment first, then exclude); plus its error records."""
-    samples, errors = read_shard(shard, storage_options)
+    """Read one shard and form its segments (segment first, then exclude); plus its error records.
+    ``pool``: threads that decode the images (the result is the same without)."""
+    samples, errors = read_shard(shard, storage_options, pool)
     segments = exclude_from_segments(segment_samples(samples, segment_size), exclude)
     return segments, errors
 
 
-def collate_segment(segment: Segment, preprocess: Preprocess, tokenizer: Tokenizer) -> PairBatch:
-    """Turn a segment into model inputs: preprocessed images and tokenized captions."""
+def collate_segment(segment: Segment, preprocess: Preprocess, tokenizer: Tokenizer,
+                    pool: Executor | None = None) -> PairBatch:
+    """Turn a segment into model inputs: preprocessed images (on ``pool`` when given) and tokenized captions."""
     samples = segment.samples
     captions = [s.caption for s in samples]
-    images = torch.stack([preprocess(s.image) for s in samples])
+    pixels = [s.image for s in samples]
+    images = torch.stack(list(pool.map(preprocess, pixels) if pool is not None else map(preprocess, pixels)))
     if not images.is_floating_point():
         images = images.float()
     tokens = torch.as_tensor(tokenizer(captions)).long()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ class ShardInputs:
     exclude: ExclusionSet | None = None
     storage_options: dict[str, Any] | None = None
     chunk: int = 16  # directions per vmapped JVP
+    pool: Executor | None = None  # threads that decode and preprocess images (None: this thread)
 
 
 def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directions: torch.Tensor,
@@ -71,14 +73,14 @@ def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directi
     """
     start = time.perf_counter()
     segments, errors = shard_segments(job.shard, segment_size=inputs.segment_size, exclude=inputs.exclude,
-                                      storage_options=inputs.storage_options)
+                                      storage_options=inputs.storage_options, pool=inputs.pool)
     named = directions[: len(job.queries)]
     traced = directions[len(job.queries):]
     top = TopK(list(job.traced), job.trace_top_k) if job.traced else None
     results: list[SegmentScores] = []
     pairs = 0
     for done, segment in enumerate(segments, start=1):
-        batch = collate_segment(segment, inputs.preprocess, inputs.tokenizer)
+        batch = collate_segment(segment, inputs.preprocess, inputs.tokenizer, inputs.pool)
         results.append(score_segment(task, batch, named, inputs.chunk))
         if top is not None:
             assert basis is not None, "trace-back needs the curvature basis"

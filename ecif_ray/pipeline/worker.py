@@ -20,6 +20,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,15 +88,21 @@ class InfluenceWorker:
     """Holds the model (once), the curvature groups it was given, and nothing else between calls."""
 
     def __init__(self, checkpoint_files: dict[str, bytes], settings: WorkerSettings):
-        torch.set_num_threads(settings.threads)
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # open_clip's
         self.settings = settings
         self.device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
+        # The reserved CPUs do the actor's CPU work: torch's math on a CPU actor; on a GPU actor
+        # (where one thread decoding JPEGs is the bottleneck, BENCHMARKS.md §5) image decoding and
+        # preprocessing, with torch itself on one thread (its setting is process-wide, and T
+        # decode threads each starting T-thread ops would oversubscribe the CPUs).
+        decode_threads = settings.threads if self.device == "cuda" else 1
+        torch.set_num_threads(1 if self.device == "cuda" else settings.threads)
         self.task = _load_task(checkpoint_files, settings, self.device)
         bundle = self.task.bundle
+        pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
         self.inputs = ShardInputs(segment_size=settings.segment_size, preprocess=bundle.preprocess,
                                   tokenizer=bundle.tokenizer, exclude=settings.exclude,
-                                  storage_options=settings.storage_options)
+                                  storage_options=settings.storage_options, pool=pool)
         self.store = RunStore(settings.out, settings.storage_options)
         self.curvature: dict[int, list[PairBatch]] = {}
         self.ready_rss = peak_rss_bytes()  # the floor: interpreter, libraries and the model, before any work
@@ -151,9 +158,11 @@ class InfluenceWorker:
     def load_curvature(self, request: CurvatureRequest) -> CurvatureGroup:
         """Read the shard, keep the segments the plan chooses, hold them as model inputs."""
         segments, _ = shard_segments(request.shard, segment_size=self.settings.segment_size,
-                                     exclude=self.settings.exclude, storage_options=self.settings.storage_options)
+                                     exclude=self.settings.exclude, storage_options=self.settings.storage_options,
+                                     pool=self.inputs.pool)
         chosen = choose_segments(request.shard.name, len(segments), request.quota, request.seed)
-        batches = [collate_segment(segments[i], self.inputs.preprocess, self.inputs.tokenizer) for i in chosen]
+        batches = [collate_segment(segments[i], self.inputs.preprocess, self.inputs.tokenizer, self.inputs.pool)
+                   for i in chosen]
         self.curvature[request.group] = batches
         return CurvatureGroup(group=request.group, shard=request.shard.name,
                               segments=tuple(segments[i].index for i in chosen),
