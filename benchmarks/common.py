@@ -274,6 +274,19 @@ def add_method_flags(p) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=None, help="override the recipe (smoke tests)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="override the recipe (smoke tests)")
     p.add_argument("--work", default=str(DEFAULT_WORK), help="cache of corpora and checkpoints")
+    p.add_argument("--include", nargs="*", default=[], help="earlier outputs (.json) whose rows join the tables")
+
+
+GRID_IDENTITY = ("dataset", "train_size", "subset", "noise_kind", "noise", "seed", "method")
+
+
+def run_grid(args, label: str, run_setting, identity: Sequence[str] = ()) -> tuple[Recipe, list[dict]]:
+    """The recipe the flags select and the rows of ``run_setting(args, recipe, seed, noise, kind,
+    subset)`` over the grid, joined by the rows of the ``--include`` outputs (rows of the same
+    setting, by ``GRID_IDENTITY`` + ``identity``, come from this run)."""
+    recipe = recipe_for(args.dataset, args.pretrain_size, args.pretrain_epochs, args.finetune_epochs)
+    rows = grid_rows(args, label, lambda *setting: run_setting(args, recipe, *setting))
+    return recipe, included_rows(args.include, rows, [*GRID_IDENTITY, *identity])
 
 
 def grid_rows(args, label: str, run_setting) -> list[dict]:

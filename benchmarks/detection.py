@@ -32,7 +32,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +43,12 @@ from common import (
     aggregate,
     corpus,
     finetune,
-    grid_rows,
-    included_rows,
     locked,
     machine_notes,
     markdown_table,
     pm,
     pretrained,
-    recipe_for,
+    run_grid,
     setup_torch,
     timed,
     train_truth,
@@ -337,18 +334,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     add_method_flags(p)
     p.add_argument("--out", default=str(RESULTS / "detection"), help="output stem (.json/.csv/.png)")
-    p.add_argument("--include", nargs="*", default=[], help="earlier outputs (.json) whose rows join the tables")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_torch()
     args = parse_args(argv)
-    recipe = recipe_for(args.dataset, args.pretrain_size, args.pretrain_epochs, args.finetune_epochs)
     started = time.perf_counter()
-    rows = grid_rows(args, "detection", partial(run_setting, args, recipe))
-    rows = included_rows(args.include, rows, ["dataset", "train_size", "subset", "noise_kind", "noise", "seed",
-                                              "method"])
+    recipe, rows = run_grid(args, "detection", run_setting)
     summary = aggregate(rows, ["subset", "noise_kind", "noise", "method"],
                         [*METRICS, "zero_shot_accuracy"])
     table = summary_table(summary)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,11 @@ from common import (
     add_method_flags,
     aggregate,
     finetune,
-    grid_rows,
-    included_rows,
     machine_notes,
     markdown_table,
     pm,
     pretrained,
-    recipe_for,
+    run_grid,
     setup_torch,
     timed,
     train_truth,
@@ -156,18 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of training pairs removed")
     add_method_flags(p)
     p.add_argument("--out", default=str(RESULTS / "removal"), help="output stem (.json/.csv)")
-    p.add_argument("--include", nargs="*", default=[], help="earlier outputs (.json) whose rows join the tables")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_torch()
     args = parse_args(argv)
-    recipe = recipe_for(args.dataset, args.pretrain_size, args.pretrain_epochs, args.finetune_epochs)
     started = time.perf_counter()
-    rows = grid_rows(args, "removal", partial(run_setting, args, recipe))
-    rows = included_rows(args.include, rows, ["dataset", "train_size", "subset", "noise_kind", "noise", "seed",
-                                              "method", "removal", "removed"])
+    recipe, rows = run_grid(args, "removal", run_setting, ["removal", "removed"])
     summary = aggregate(rows, ["subset", "noise_kind", "noise", "method", "removal"], METRICS)
     table = summary_table(summary)
     print(table)
