@@ -189,14 +189,6 @@ def test_corrupt_or_truncated_tar_keeps_samples_before_the_damage(tmp_path, wds,
     assert "c-000000.tar" in error.message
 
 
-def test_tar_without_end_marker_is_accepted_like_gnu_tar(tmp_path, wds):
-    path = wds.write_shard(tmp_path / "c-000000.tar", 3)
-    end = _offsets(path)["000002.txt"] + 1024  # each .txt caption fits one data block
-    path.write_bytes(path.read_bytes()[:end])
-    samples, errors = read_shard(shard_at(path))
-    assert [s.key for s in samples] == ["000000", "000001", "000002"] and errors == []
-
-
 def test_iteration_is_deterministic(tmp_path, wds):
     path = wds.write_tar(
         tmp_path / "d.tar", [*wds.sample_members("b"), *wds.sample_members("a", caption=""), *wds.sample_members("c")]

@@ -22,8 +22,8 @@ def cookbook() -> list[str]:
     return re.findall(r"```sql\n(.*?)```", DOCS.read_text(), flags=re.S)
 
 
-def sql(run_dir: str, query: str, capsys, fmt: str = "json") -> list[dict] | str:
-    code = main(["sql", run_dir, query, "--format", fmt])
+def sql(run_dir: str, query: str, capsys, fmt: str = "json", flags: tuple[str, ...] = ()) -> list[dict] | str:
+    code = main(["sql", run_dir, query, "--format", fmt, *flags])
     out = capsys.readouterr()
     assert code == 0, out.err
     return json.loads(out.out) if fmt == "json" and out.out.strip() else out.out
@@ -38,29 +38,41 @@ def resolve(digits_corpus, tmp_path):
     return apply
 
 
-def test_every_cookbook_query_runs(scored_run, resolve, capsys, tmp_path):
+@pytest.fixture
+def flags(digits_corpus):
+    """The flags docs/pipeline.md says a cookbook query needs: --allow-read for the truth file it
+    joins with, --allow-writes for COPY (ecif-ray sql is read-only and confined to the run dir)."""
+    def of(query: str) -> tuple[str, ...]:
+        reads = ("--allow-read", str(digits_corpus / "truth.parquet")) if "corpus/truth.parquet" in query else ()
+        return reads + (("--allow-writes",) if query.lstrip().startswith("COPY") else ())
+    return of
+
+
+def test_every_cookbook_query_runs(scored_run, resolve, flags, capsys, tmp_path):
     queries = cookbook()
     assert len(queries) >= 10
     for query in queries:
-        rows = sql(scored_run.out, resolve(query), capsys)
+        rows = sql(scored_run.out, resolve(query), capsys, flags=flags(query))
         if query.lstrip().startswith("COPY"):
             assert pq.read_table(tmp_path / "exclude.parquet").num_rows == 100
         else:
             assert rows or "FROM errors" in query, query  # this run has no errors
 
 
-def test_cookbook_answers_agree_with_the_tables(scored_run, resolve, capsys, digits_corpus):
+def test_cookbook_answers_agree_with_the_tables(scored_run, resolve, flags, capsys, digits_corpus):
     top = sql(scored_run.out, resolve(cookbook()[0]), capsys)
     assert len(top) == 20 and [r["ecif_is"] for r in top] == sorted((r["ecif_is"] for r in top), reverse=True)
     assert top[0]["ecif_is"] == scored_run.top[0]["ecif_is"] and top[0]["key"] == scored_run.top[0]["key"]
 
-    per_shard = sql(scored_run.out, resolve(next(q for q in cookbook() if "flagged_rate" in q)), capsys)
+    query = next(q for q in cookbook() if "flagged_rate" in q)
+    per_shard = sql(scored_run.out, resolve(query), capsys, flags=flags(query))
     truth = pq.read_table(digits_corpus / "truth.parquet").to_pandas()
     truth = truth[truth["split"] == "train"].groupby("shard")["misaligned"].mean()
     assert {r["shard"]: r["true_rate"] for r in per_shard} == {s: round(v, 3) for s, v in truth.items()}
     assert sum(r["pairs"] for r in per_shard) == 128
 
-    [precision] = sql(scored_run.out, resolve(next(q for q in cookbook() if "precision_at_20" in q)), capsys)
+    query = next(q for q in cookbook() if "precision_at_20" in q)
+    [precision] = sql(scored_run.out, resolve(query), capsys, flags=flags(query))
     assert precision["flagged"] == 20 and precision["precision_at_20"] == precision["truly_misaligned"] / 20
 
     traced = sql(scored_run.out, resolve(next(q for q in cookbook() if "FROM trace" in q)), capsys)

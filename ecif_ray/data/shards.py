@@ -52,7 +52,8 @@ def list_shards(spec: ShardSpec, storage_options: Mapping[str, Any] | None = Non
     ``spec`` is a directory (its ``*.tar`` files, sorted by name), a brace pattern (expansion
     order, existence not checked), a glob (sorted by path), a single shard path, or a list of
     any of these (concatenated in list order). Local relative paths become absolute so that
-    workers with another working directory read the same files.
+    workers with another working directory read the same files. Directories and globs list
+    symbolic links to files as well, each shard named after its link.
     """
     specs = [os.fspath(spec)] if isinstance(spec, str | os.PathLike) else [os.fspath(s) for s in spec]
     if not specs:
@@ -94,7 +95,7 @@ def _literal_shard(url: str) -> Shard:
 
 def _list_directory(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> list[Shard]:
     entries = fs.ls(path, detail=True)
-    names = [e["name"] for e in entries if e["type"] == "file" and e["name"].endswith(SHARD_SUFFIX)]
+    names = [e["name"] for e in entries if e["name"].endswith(SHARD_SUFFIX) and _is_shard_file(fs, e)]
     if not names:
         raise ShardListingError(f"shard spec {spec!r} matched nothing: no *{SHARD_SUFFIX} files in directory")
     return [_shard_from_fs(fs, name) for name in sorted(names, key=posixpath.basename)]
@@ -103,10 +104,22 @@ def _list_directory(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> list
 def _glob(fs: fsspec.AbstractFileSystem, spec: str, path: str) -> list[Shard]:
     fs.invalidate_cache()
     matches = fs.glob(path, detail=True)
-    names = sorted(name for name, info in matches.items() if info["type"] == "file")
+    names = sorted(name for name, info in matches.items() if _is_shard_file(fs, {**info, "name": name}))
     if not names:
         raise ShardListingError(f"shard spec {spec!r} matched nothing: glob found no files")
     return [_shard_from_fs(fs, name) for name in names]
+
+
+def _is_shard_file(fs: fsspec.AbstractFileSystem, info: Mapping[str, Any]) -> bool:
+    """A file, or a symbolic link that does not point to a directory.
+
+    fsspec reports a local symlink as type "other" whatever it points to. A link to a file is a
+    shard, named after the link; a dangling link is listed too, so that reading it reports an
+    ``open`` error instead of the shard vanishing silently.
+    """
+    if info["type"] == "file":
+        return True
+    return bool(info.get("islink")) and not fs.isdir(info["name"])
 
 
 def _shard_from_fs(fs: fsspec.AbstractFileSystem, path: str) -> Shard:

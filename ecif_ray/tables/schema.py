@@ -10,7 +10,7 @@ Row identity is ``(shard, key)``: ``shard`` is the shard's basename (``train-000
 ``key`` its webdataset ``__key__``. A key repeated inside one shard is never merged: the first
 occurrence is scored, every repeat is an ``errors`` row with stage ``duplicate``.
 
-Sign convention of every ``*_is`` column (ECIF.md §3): the score is the predicted change of the
+Sign convention of every ``*_is`` column (docs/method.md §3): the score is the predicted change of the
 query loss when the pair is *removed* from training, L'(θ̂) − L'(θ̂₋ₙ):
 
 * ``> 0``  removing the pair lowers the query loss: the pair is **harmful** (misalignment candidate);
@@ -60,7 +60,8 @@ ERRORS = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
         pa.field("key", pa.string(), nullable=False),    # "" when the whole shard is unreadable
-        pa.field("stage", pa.string(), nullable=False),  # open | read | image | caption | duplicate | score
+        # stage: open | read | key | image | caption | limit | duplicate | score
+        pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),  # short class, e.g. EmptyCaption, OSError
         pa.field("message", pa.string(), nullable=False),
     ]

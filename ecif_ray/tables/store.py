@@ -4,7 +4,8 @@ Layout of a run directory (``--out``)::
 
     manifest.json                                   lineage of the run (tables.manifest)
     directions/directions.safetensors, .json        the solved iHVP directions, reused on rerun
-    pairs/run_id=<id>/<shard>.parquet               one file per shard and table (tables.schema)
+    pairs/run_id=<id>/<shard>.parquet               one file per shard and table (tables.schema;
+                                                    <shard> escaped by shard_file_stem)
     scores/run_id=<id>/<shard>.parquet
     errors/run_id=<id>/<shard>.parquet
     _state/shards/<shard>.json                      commit record of each completed shard
@@ -16,7 +17,10 @@ commit record exists *and* every file it lists is there with the recorded row co
 the Parquet footer, which also proves the file is complete). A rerun skips exactly those shards.
 Readers never see temp files: their names start with '.' and end in '.tmp', which Hive readers
 and the ``*.parquet`` globs ignore. Files are named after the shard, so a retried shard
-overwrites its earlier attempt instead of duplicating rows.
+overwrites its earlier attempt instead of duplicating rows. Because Hive-style readers (Spark,
+Trino, pyarrow datasets) skip names starting with '.' or '_', a shard id starting with '.', '_'
+or the escape character '~' gets a '~' in front of its file name (:func:`shard_file_stem`, a
+one-to-one mapping); the rows themselves carry the shard id unchanged in their ``shard`` column.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ LINEAGE_KEY = b"ecif_ray.lineage"
 MANIFEST = "manifest.json"
 STATE_DIR = "_state/shards"
 DIRECTIONS_DIR = "directions"
+HIDDEN_PREFIXES = (".", "_")  # names Hive-style readers skip
+FILE_ESCAPE = "~"
+
+
+def shard_file_stem(shard: str) -> str:
+    """The stem of a shard's table files: the shard id, with ``~`` in front when it starts with
+    '.', '_' or '~' (so no engine hides it, and no two shards share a file)."""
+    return FILE_ESCAPE + shard if shard.startswith((*HIDDEN_PREFIXES, FILE_ESCAPE)) else shard
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,7 @@ class RunStore:
 
     @staticmethod
     def table_file(table: str, run_id: str, shard: str) -> str:
-        return f"{table}/{PARTITION}={run_id}/{shard}.parquet"
+        return f"{table}/{PARTITION}={run_id}/{shard_file_stem(shard)}.parquet"
 
     @staticmethod
     def record_file(shard: str) -> str:

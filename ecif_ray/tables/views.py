@@ -7,12 +7,21 @@ store are read through pyarrow datasets over the same fsspec filesystem, registe
 because DuckDB's own httpfs extension must be downloaded and the fsspec storage options (endpoint,
 credentials) already describe how to reach the data. Either way DuckDB pushes projections and
 filters down to the Parquet scan, so the views stay lazy on large runs.
+
+``connect(..., read_only=True)`` with :func:`check_read_only` on every query (what ``ecif-ray sql``
+does by default) confines DuckDB to reading the run directories: local files are readable only
+under them (plus the ``allow_read`` paths), no extension is installed or loaded, the
+configuration is locked so that a query cannot lift these limits (DuckDB's
+``enable_external_access``, ``allowed_directories``, ``allowed_paths`` and ``lock_configuration``
+settings), and only SELECT statements (and EXPLAIN of them) run, so nothing is written anywhere.
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import duckdb
@@ -46,16 +55,57 @@ def open_runs(location: str, storage_options: Mapping[str, Any] | None = None) -
 
 
 def connect(location: str, storage_options: Mapping[str, Any] | None = None,
-            database: str = ":memory:") -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the five views over the run(s) at ``location``."""
+            database: str = ":memory:", *, read_only: bool = False,
+            allow_read: Sequence[str] = ()) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the five views over the run(s) at ``location``.
+
+    ``read_only``: DuckDB may touch local files only under the run directories and the
+    ``allow_read`` files or directories; pass queries through :func:`check_read_only` as well,
+    since DuckDB itself lets COPY ... TO write where it may read (see the module docstring).
+    """
     stores = open_runs(location, storage_options)
     con = duckdb.connect(database)
+    if read_only:
+        _confine(con, [s.root for s in stores if s.local], allow_read)
     for table in TABLES:
         _create_view(con, table, stores)
     manifests = [(s.url, m) for s in stores if (m := read_manifest(s)) is not None]
     con.register("_ecif_runs", runs_table(manifests))
     con.execute("CREATE VIEW runs AS SELECT * FROM _ecif_runs")
+    if read_only:
+        con.execute("SET lock_configuration = true")
     return con
+
+
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Raise ValueError unless every statement of ``query`` is a SELECT (DESCRIBE, SHOW, SUMMARIZE
+    and FROM-first queries are SELECTs too) or an EXPLAIN of one (EXPLAIN ANALYZE runs it)."""
+    for statement in con.extract_statements(query):
+        kind = statement.type.name
+        if kind == "EXPLAIN":
+            inner, found = _EXPLAIN.subn("", statement.query, count=1)
+            if not found:
+                raise ValueError("SQL: this EXPLAIN form is refused by the read-only connection; write "
+                                 "EXPLAIN [ANALYZE] SELECT ... (or use ecif-ray sql --allow-writes)")
+            check_read_only(con, inner)
+        elif kind != "SELECT":
+            raise ValueError(f"SQL: {kind} statements are refused: the connection is read-only (only SELECT "
+                             f"and EXPLAIN SELECT run; ecif-ray sql --allow-writes runs any)")
+
+
+def _confine(con: duckdb.DuckDBPyConnection, run_roots: Sequence[str], allow_read: Sequence[str]) -> None:
+    """Turn off DuckDB's access to files and extensions, except reads under the given roots and paths."""
+    extra = [os.path.abspath(os.path.expanduser(p)) for p in allow_read]
+    directories = [root.rstrip("/") + "/" for root in run_roots] + [p + "/" for p in extra if os.path.isdir(p)]
+    files = [p for p in extra if not os.path.isdir(p)]
+    con.execute("SET allowed_directories = $1", [directories])
+    con.execute("SET allowed_paths = $1", [files])
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET enable_external_access = false")
 
 
 def _create_view(con: duckdb.DuckDBPyConnection, table: str, stores: list[RunStore]) -> None:
