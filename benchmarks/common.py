@@ -266,7 +266,8 @@ def write_outputs(stem: Path, payload: dict, rows: Sequence[dict]) -> list[Path]
 
 def add_method_flags(p) -> None:
     """Flags shared by detection.py and removal.py: how each method is run and where the cache is."""
-    p.add_argument("--curvature-segments", type=int, default=32)
+    p.add_argument("--curvature-segments", type=int, default=None,
+                   help="curvature sample size (default: the engine's, every segment up to the memory cap)")
     p.add_argument("--trak-proj-dim", type=int, default=2048)
     p.add_argument("--damped-delta", type=float, default=0.1, help="analysis damping δ of the ecif-damped method")
     p.add_argument("--trak-lambda", type=float, default=1.0, help="λ of the trak-reg method")

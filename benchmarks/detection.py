@@ -10,6 +10,7 @@ Methods (all on the same fine-tuned model θ̂):
   ecif-taylor  ecif_is with first-order negatives (same directions, its own scoring pass)
   ecif-damped  ecif-exact with a larger damping δ in the analysis (--damped-delta, default 0.1) than
                the fine-tuning objective's δ: a sensitivity row (δ = 0.1 was chosen after seeing seed 0)
+  ecif-auto    ecif-exact with the label-free analysis damping ``auto`` (0.1 × G's mean eigenvalue)
   pos-only     pos_is of the ecif-exact run: the classical pointwise influence function
   clip-score   −clip_score (DataComp-style CLIP-score filtering)
   loss         the pair's own contrastive loss
@@ -58,16 +59,16 @@ from common import (
 from ecif_ray.data.segments import PairBatch, load_segments
 from ecif_ray.evaluation import evaluate
 from ecif_ray.influence.contrastive import pair_terms
-from ecif_ray.influence.curvature import SolverSettings
-from ecif_ray.influence.engine import ECIF, sample_segments
+from ecif_ray.influence.curvature import Damping, SolverSettings
+from ecif_ray.influence.engine import ECIF
 from ecif_ray.influence.queries import ValidationQuery
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.metrics import detection_metrics
 from ecif_ray.models.checkpoint import Checkpoint, load_checkpoint
 from ecif_ray.models.factory import similarity_matrix
 
-METHODS = ("ecif-exact", "ecif-taylor", "ecif-damped", "pos-only", "clip-score", "loss", "tracin", "trak", "trak-reg",
-           "ekfac")
+METHODS = ("ecif-exact", "ecif-taylor", "ecif-damped", "ecif-auto", "pos-only", "clip-score", "loss", "tracin", "trak",
+           "trak-reg", "ekfac")
 METRICS = ("auroc", "average_precision", "precision_at_k", "hits_top10", "seconds")
 Scores = dict[tuple[str, str], float]
 
@@ -97,12 +98,14 @@ def by_pair(batches: list[PairBatch], values: list[float]) -> Scores:
     return dict(zip(keys, values, strict=True))
 
 
-def ecif_engine(model: Model, curvature_segments: int, solver: SolverSettings, delta: float | None = None) -> ECIF:
-    """The in-process engine on θ̂ (δ of the analysis: the checkpoint's unless given)."""
-    n_train = sum(len(b) for b in model.train)
-    task = InfluenceTask.from_checkpoint(model.ckpt, n_train, "exact", delta=delta)
-    return ECIF(task, sample_segments(model.train, curvature_segments, solver.seed), solver, model.train,
-                model.ckpt.meta.segment_size)
+def ecif_engine(model: Model, curvature_segments: int | None, solver: SolverSettings,
+                damping: Damping = "exact") -> ECIF:
+    """The in-process engine on a float64 copy of θ̂, with the engine's defaults (curvature over every
+    pair unless ``curvature_segments``); ``damping``: δ of the analysis."""
+    ckpt = load_checkpoint(model.ckpt.path)
+    ckpt.model.double()
+    task = InfluenceTask.from_checkpoint(ckpt, sum(len(b) for b in model.train), "exact")
+    return ECIF.from_task(task, model.train, curvature_segments=curvature_segments, solver=solver, damping=damping)
 
 
 def table_scores(table: dict, column: str) -> Scores:
@@ -114,18 +117,19 @@ def solver_note(directions) -> dict:
             "relative_residual": float(directions.relative_residual.max()), "solve_seconds": directions.seconds}
 
 
-def ecif_methods(model: Model, wanted: set[str], curvature_segments: int, damped_delta: float,
+def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None, damped_delta: float,
                  seconds: dict, solver_notes: dict) -> dict[str, Scores]:
-    """ecif-exact, pos-only and ecif-taylor from one solve (each charged the solve plus its own
-    scoring pass); ecif-damped solves again with the analysis damping ``damped_delta``."""
+    """ecif-exact, pos-only and ecif-taylor from one solve (each charged the engine's setup, the solve
+    and its own scoring pass); ecif-damped and ecif-auto solve again with their analysis damping."""
     out: dict[str, Scores] = {}
     solver = SolverSettings()
     if wanted & {"ecif-exact", "pos-only", "ecif-taylor"}:
-        engine = ecif_engine(model, curvature_segments, solver)
         solve: dict = {}
         with timed(solve, "s"):
+            engine = ecif_engine(model, curvature_segments, solver)
             directions = engine.solve(ValidationQuery(model.val))
-        solver_notes["ecif-exact"] = solver_note(directions)
+        solver_notes["ecif-exact"] = {**solver_note(directions), "delta": engine.task.delta,
+                                      "curvature_pairs": engine.curvature_pairs}
         if wanted & {"ecif-exact", "pos-only"}:
             with timed(seconds, "ecif-exact"):
                 table = engine.score(model.train, directions).to_pydict()
@@ -137,12 +141,15 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int, damped
             with timed(seconds, "ecif-taylor"):
                 out["ecif-taylor"] = table_scores(engine.score(model.train, directions).to_pydict(), "ecif_is")
             seconds["ecif-taylor"] += solve["s"]
-    if "ecif-damped" in wanted:
-        with timed(seconds, "ecif-damped"):
-            engine = ecif_engine(model, curvature_segments, solver, damped_delta)
+    for method, damping in (("ecif-damped", damped_delta), ("ecif-auto", "auto")):
+        if method not in wanted:
+            continue
+        with timed(seconds, method):
+            engine = ecif_engine(model, curvature_segments, solver, damping)
             directions = engine.solve(ValidationQuery(model.val))
-            out["ecif-damped"] = table_scores(engine.score(model.train, directions).to_pydict(), "ecif_is")
-        solver_notes["ecif-damped"] = solver_note(directions)
+            out[method] = table_scores(engine.score(model.train, directions).to_pydict(), "ecif_is")
+        solver_notes[method] = {**solver_note(directions), "delta": engine.task.delta,
+                                "curvature_pairs": engine.curvature_pairs}
     return out
 
 

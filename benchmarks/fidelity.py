@@ -1,4 +1,4 @@
-"""Fidelity of predicted influence to actual retraining (ECIF.md §6.2), micro model on digits.
+"""Fidelity of predicted influence to actual retraining (docs/method.md §6.2), micro model on digits.
 
 For each parameter subset: fit θ̂ tightly (L-BFGS, float64), score every training pair against
 the validation query, then retrain without (a) single pairs and (b) random 5% groups and compare
@@ -88,8 +88,8 @@ def edit_vs_retrain(leave_out: LeaveOut, scores: dict, corpus: Path, load: dict)
                          ("retrain", retrained)):
         with torch.no_grad():
             val_loss = float(leave_out.query.loss(task, params))
-            correct = sum(int((zero_shot_logits(task, b.images, classes, params).argmax(1) == labels_of(b)).sum())
-                          for b in test)
+            logits = [zero_shot_logits(task, task.trunk(images=b.images), classes, params) for b in test]
+            correct = sum(int((lg.argmax(1) == labels_of(b)).sum()) for lg, b in zip(logits, test, strict=True))
         rows[name] = {"val_loss": val_loss, "zero_shot_accuracy": correct / sum(len(b) for b in test)}
     rows["removed"] = len(harmful)
     rows["edit_seconds"], rows["retrain_seconds"] = edit_s, retrain_s

@@ -1,4 +1,4 @@
-"""Linear datamodeling score (LDS) of ECIF on real data (ECIF.md §6.2; issue 5, item 3).
+"""Linear datamodeling score (LDS) of ECIF on real data (docs/method.md §6.2; issue 5, item 3).
 
 For each seed and parameter subset: build the corpus (swap-class misalignment), take the model
 pretrained on its clean pretrain split (cached, see common.py), fit θ̂ tightly on the noisy train

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import (
     RESULTS,
     add_method_flags,
@@ -41,13 +42,11 @@ from common import (
     train_truth,
     write_outputs,
 )
-from detection import METHODS, Setting, score_setting
+from detection import METHODS, Setting, ecif_engine, score_setting
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.evaluation import evaluate
 from ecif_ray.influence.curvature import SolverSettings
-from ecif_ray.influence.engine import ECIF, sample_segments
-from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.models.checkpoint import load_checkpoint
 
 DEFAULT_METHODS = [
@@ -87,17 +86,17 @@ def retrain_row(args: argparse.Namespace, recipe, setting: Setting, seed: int, s
 
 
 def edit_row(setting: Setting, removed: list[tuple[str, str]], scoring_seconds: float,
-             curvature_segments: int) -> dict:
-    """θ̃ = θ̂ + ΣΔθ for the removed set (applied to the in-memory θ̂, which is reloaded after)."""
+             curvature_segments: int | None) -> dict:
+    """θ̃ = θ̂ + ΣΔθ for the removed set, solved in float64 and applied to the in-memory θ̂ (reloaded after)."""
     model = setting.model
-    task = InfluenceTask.from_checkpoint(model.ckpt, sum(len(b) for b in model.train), "exact")
-    solver = SolverSettings()
-    engine = ECIF(task, sample_segments(model.train, curvature_segments, solver.seed), solver, model.train,
-                  model.ckpt.meta.segment_size)
     took: dict = {}
     with timed(took, "edit"):
+        engine = ecif_engine(model, curvature_segments, SolverSettings())
         change = engine.edit(ExclusionSet.from_entries(removed))
-        engine.apply_edit(change)
+        with torch.no_grad():
+            for name, p in model.ckpt.model.named_parameters():
+                if name in change.delta_theta:
+                    p.add_(change.delta_theta[name].to(p))
     row = {"removal": "edit", **quality(model.ckpt, setting.corpus_dir), "edit_seconds": took["edit"],
            "scoring_seconds": scoring_seconds, "seconds": scoring_seconds + took["edit"],
            "edit_residual": change.relative_residual, "edit_iterations": change.iterations}

@@ -1,6 +1,6 @@
 """Scoring-pass throughput vs plain open_clip embedding inference, side by side (issue 5, item 4).
 
-The claim (ECIF.md §4): per-pair scoring is ~ a forward pass plus a JVP, so it should run near
+The claim (docs/method.md §4): per-pair scoring is ~ a forward pass plus a JVP, so it should run near
 embedding-inference speed. Measured here on one process and one thread, same model, same batch
 (= segment) size, same synthetic pairs, in float32 (and optionally float64):
 

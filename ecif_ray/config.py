@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings
+from ecif_ray.influence.sample import DEFAULT_MEMORY_MB
 
 QueryName = Literal["val", "task"]
 DType = Literal["float32", "float64"]
@@ -37,9 +38,12 @@ class SolverConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tol: float = Field(DEFAULT_SOLVER.tol, gt=0, lt=1, description="relative residual ‖b − (G+δI)x‖/‖b‖ to reach")
+    tol: float | None = Field(DEFAULT_SOLVER.tol, gt=0, lt=1, description="relative residual ‖b − (G+δI)x‖/‖b‖ to "
+                              "reach (default: 1e-8 in float64, 1e-5 in float32)")
     max_iter: int = Field(DEFAULT_SOLVER.max_iter, ge=1, description="CG iterations at most")
-    preconditioner: Literal["none", "nystrom"] = DEFAULT_SOLVER.preconditioner
+    preconditioner: Literal["none", "nystrom", "dense"] = Field(
+        DEFAULT_SOLVER.preconditioner, description="nystrom (randomized sketch), dense (G formed exactly: small θ, "
+        "CG converges in one step, exact trace-back norms) or none")
     nystrom_rank: int = Field(DEFAULT_SOLVER.nystrom_rank, ge=1, description="rank of the Nyström preconditioner")
     seed: int = Field(DEFAULT_SOLVER.seed, ge=0, description="seed of the Nyström sketch")
     chunk: int = Field(DEFAULT_SOLVER.chunk, ge=1, description="vectors per vmapped JVP/VJP (bounds worker memory)")
@@ -79,8 +83,13 @@ class ScoreConfig(BaseModel):
     negative_term: Literal["exact", "taylor"] = "exact"
     segment_size: int | None = Field(None, ge=2, description="pairs per segment (default: the checkpoint's)")
     n_train: int | None = Field(None, ge=1, description="N of R(θ) (default: the checkpoint's training pairs)")
-    delta: float | None = Field(None, gt=0, description="δ of the analysis (default: the checkpoint's)")
-    curvature_segments: int = Field(64, ge=1, description="segments in the curvature sample")
+    damping: Literal["exact", "auto"] | float = Field(
+        "exact", description="δ of the analysis: exact (the checkpoint's training δ), auto (0.1 × G's mean "
+        "eigenvalue, at least the training δ) or a number (docs/concepts.md)")
+    curvature_segments: int | None = Field(None, ge=1, description="segments in the curvature sample (default: "
+                                           "every segment up to the memory cap)")
+    curvature_memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=1, description="trunk features of the curvature sample "
+                                     "per worker, in MiB (caps the sample)")
     curvature_shards: int = Field(8, ge=1, description="shards the curvature sample is spread over")
     curvature_seed: int = Field(0, ge=0, description="seed of the curvature sample")
     solver: SolverConfig = Field(default_factory=SolverConfig)
@@ -159,8 +168,8 @@ class ScoreConfig(BaseModel):
 
     def score_inputs(self) -> dict[str, Any]:
         """The fields that change what the scores mean (the rest only changes how they are computed)."""
-        keep = ("train", "val", "test", "classes", "queries", "negative_term", "segment_size", "n_train", "delta",
-                "curvature_segments", "curvature_shards", "curvature_seed", "dtype")
+        keep = ("train", "val", "test", "classes", "queries", "negative_term", "segment_size", "n_train", "damping",
+                "curvature_segments", "curvature_shards", "curvature_seed", "curvature_memory_mb", "dtype")
         inputs = {name: getattr(self, name) for name in keep}
         inputs["solver"] = self.solver.model_dump()
         inputs["trace"] = None if self.trace is None else self.trace.model_dump()

@@ -89,10 +89,9 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: in
 
     t = time.perf_counter()
     print(f"[demo] score every training pair on a local Ray cluster ({workers} workers)", flush=True)
-    # A 16-segment curvature sample and float32 keep the driver's iHVP to a minute on two cores.
+    # The defaults: curvature over every training pair (cached trunk features), float64.
     result = run_score(ScoreConfig(ckpt=str(work / "finetuned"), train=str(corpus / "train"),
-                                   val=str(corpus / "val"), out=str(work / "run"), workers=workers,
-                                   curvature_segments=16, dtype="float32"))
+                                   val=str(corpus / "val"), out=str(work / "run"), workers=workers))
     timings["score_s"] = time.perf_counter() - t
 
     con = connect(str(work / "run"))

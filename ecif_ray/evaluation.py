@@ -49,14 +49,22 @@ def find_classes(test: str | list[str], classes_path: str | None = None, storage
     return ClassSet(tuple(labels[i] for i in sorted(labels)), CAPTION_TEMPLATES)
 
 
-def class_embeddings(bundle: ClipBundle, classes: ClassSet, params: dict[str, torch.Tensor] | None = None
-                     ) -> torch.Tensor:
-    """[C, D] zero-shot classifier: per class, the normalised mean of its prompts' embeddings."""
+def prompt_tokens(bundle: ClipBundle, classes: ClassSet) -> torch.Tensor:
+    """Token ids of every class prompt, class after class (templates within a class)."""
     prompts = class_prompts(classes.names, classes.templates)
-    tokens = bundle.tokenizer([p for per_class in prompts for p in per_class])
-    tokens = tokens.to(next(bundle.model.parameters()).device)
-    text = encode(bundle.model, tokens=tokens, params=params)[1]
+    return bundle.tokenizer([p for per_class in prompts for p in per_class])
+
+
+def prompt_classifier(text: torch.Tensor, classes: ClassSet) -> torch.Tensor:
+    """[C, D] zero-shot classifier from the prompts' normalised embeddings: per class, the
+    normalised mean of its prompts."""
     return F.normalize(text.view(len(classes.names), len(classes.templates), -1).mean(dim=1), dim=-1)
+
+
+def class_embeddings(bundle: ClipBundle, classes: ClassSet) -> torch.Tensor:
+    """[C, D] zero-shot classifier of the model as it is."""
+    tokens = prompt_tokens(bundle, classes).to(next(bundle.model.parameters()).device)
+    return prompt_classifier(encode(bundle.model, tokens=tokens)[1], classes)
 
 
 def labels_of(batch: PairBatch) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Leave-out retraining: the ground truth that influence predictions are held to (ECIF.md §6.2).
+"""Leave-out retraining: the ground truth that influence predictions are held to (docs/method.md §6.2).
 
 ``LeaveOut`` holds a fitted θ̂ and re-fits R without a set D* (warm-started from θ̂, same anchor,
 same segments minus D*, and the original N in R, as ECIF's removal step R − F_{D*}/N assumes),

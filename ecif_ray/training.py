@@ -1,4 +1,4 @@
-"""Segment-exact fine-tuning: minimise R(θ) of ECIF.md §1 over a fixed segment partition.
+"""Segment-exact fine-tuning: minimise R(θ) of docs/method.md §1 over a fixed segment partition.
 
     R(θ) = (1/N) Σ_m L_seg,m(θ) + (δ/2) ‖θ − θ_0‖²
 
@@ -166,7 +166,7 @@ class FitSettings:
     seed: int = 0
     progress: bool = True
     # N of R(θ) = (1/N) Σ L_seg + ...; default: the pairs being fitted. ECIF's removal analysis
-    # (ECIF.md §3) keeps the original N when pairs are removed; leave-out experiments set it.
+    # (docs/method.md §3) keeps the original N when pairs are removed; leave-out experiments set it.
     n_pairs: int | None = None
 
 

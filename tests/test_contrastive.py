@@ -1,7 +1,7 @@
 """Closed forms of ecif_ray.influence.contrastive against autograd, slicing and 50-digit references.
 
 Everything is cross-checked against independent constructions of the same quantity:
-  * the ζ construction of ECIF.md §2 (derivatives by torch.func),
+  * the ζ construction of docs/method.md §2 (derivatives by torch.func),
   * explicit formulas (softmax sums, leave-n-out logsumexp by slicing),
   * the actual segment with pair n deleted,
   * an mpmath evaluation of the §4 logit derivatives (for P within 1e-13 of 1, where a float64
@@ -218,7 +218,7 @@ def test_neg_is_first_order_term_of_neg_exact() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Directional derivatives (ECIF.md §4)
+# Directional derivatives (docs/method.md §4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -333,7 +333,7 @@ def test_rejects_unknown_negative_term_and_bad_shapes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Logit Hessian (ECIF.md §5)
+# Logit Hessian (docs/method.md §5)
 # ---------------------------------------------------------------------------------------------
 
 

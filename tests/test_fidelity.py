@@ -1,4 +1,4 @@
-"""Fidelity to retraining (ECIF.md §6.2) on the micro model, heads subset (near-convex):
+"""Fidelity to retraining (docs/method.md §6.2) on the micro model, heads subset (near-convex):
 predicted ecif_is vs the actual validation-loss change after leave-one-out and leave-group-out
 retraining. Takes about a minute: every point is a real (warm-started, L-BFGS) retraining."""
 

@@ -131,8 +131,11 @@ def test_lineage_in_manifest_and_parquet_metadata(scored_run, heads_ckpt):
     assert manifest.checkpoint["sha256"] == checkpoint_fingerprint(heads_ckpt)
     assert manifest.checkpoint["param_subset"] == "heads" and manifest.checkpoint["delta"] == 1e-2
     assert manifest.queries == ["val", "task"] and manifest.primary_query == "val"
-    assert manifest.solver["converged"] and manifest.solver["tol"] == DEFAULT_SOLVER.tol
-    assert max(manifest.solver["relative_residual"].values()) <= DEFAULT_SOLVER.tol
+    tol = DEFAULT_SOLVER.tolerance(torch.float64)  # the float64 default, recorded as resolved
+    assert manifest.solver["converged"] and manifest.solver["tol"] == tol
+    assert max(manifest.solver["relative_residual"].values()) <= tol
+    assert manifest.solver["delta"] == 1e-2  # damping "exact": the checkpoint's training δ
+    assert manifest.solver["damping"] == {"rule": "exact", "training_delta": 1e-2, "delta": 1e-2}
     assert manifest.curvature["segments"] == 4 and manifest.curvature["pairs"] == 64
     assert manifest.counts["pairs"] == 128 and manifest.counts["errors"] == 0
     assert {"startup_s", "curvature_s", "scoring_s", "total_s"} <= set(manifest.timings)
@@ -178,7 +181,7 @@ def test_changed_config_or_checkpoint_is_refused(scored_run, scored_config, micr
     with pytest.raises(RunMismatch, match="negative_term: 'exact' -> 'taylor'"):
         run_score(scored_config(scored_run.out, negative_term="taylor"))
     with pytest.raises(RunMismatch, match="checkpoint_sha256"):
-        run_score(scored_config(scored_run.out, ckpt=str(micro_pretrained), n_train=128, delta=1e-2))
+        run_score(scored_config(scored_run.out, ckpt=str(micro_pretrained), n_train=128, damping=1e-2))
     with pytest.raises(RunMismatch, match="run_id"):
         run_score(scored_config(scored_run.out, run_id="other"))
     with pytest.raises(RunMismatch, match="trace"):

@@ -71,7 +71,7 @@ def test_notebook_api_scores_traces_and_edits(digits_corpus, micro_pretrained, t
     ft = train(TrainConfig(train=str(digits_corpus / "train"), init=str(micro_pretrained), params={"kind": "heads"},
                            segment_size=16, epochs=3, lr=1e-2, delta=1e-2, out=str(tmp_path / "ft"), progress=False))
     engine = ECIF.from_checkpoint(str(ft), str(digits_corpus / "train"), curvature_segments=4)
-    damped = ECIF.from_checkpoint(str(ft), str(digits_corpus / "train"), curvature_segments=4, delta=0.5)
+    damped = ECIF.from_checkpoint(str(ft), str(digits_corpus / "train"), curvature_segments=4, damping=0.5)
     assert (engine.task.delta, damped.task.delta) == (1e-2, 0.5)  # the trained δ unless the analysis sets one
     val = engine.load(str(digits_corpus / "val"))
     directions = engine.solve(ValidationQuery(val))

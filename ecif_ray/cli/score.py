@@ -14,7 +14,8 @@ import sys
 from ecif_ray.cli.common import subcommand
 
 _EPILOG_FLAGS = ("ckpt", "train", "val", "test", "classes", "exclude", "out", "run_id", "negative_term",
-                 "segment_size", "n_train", "delta", "curvature_segments", "curvature_shards", "curvature_seed",
+                 "segment_size", "n_train", "damping", "curvature_segments", "curvature_shards", "curvature_seed",
+                 "curvature_memory_mb",
                  "dtype", "address", "workers", "num_gpus_per_worker", "threads_per_worker", "max_attempts",
                  "max_worker_failures", "top_k")
 _SOLVER_FLAGS = ("tol", "max_iter", "preconditioner", "nystrom_rank")
@@ -36,13 +37,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--negative-term", choices=["exact", "taylor"])
     p.add_argument("--segment-size", type=int, help="pairs per segment (default: the checkpoint's)")
     p.add_argument("--n-train", type=int, help="N of R(θ) (default: the checkpoint's training pairs)")
-    p.add_argument("--delta", type=float, help="δ (default: the checkpoint's)")
-    p.add_argument("--curvature-segments", type=int, help="segments in the curvature sample (default 64)")
+    p.add_argument("--damping", help="δ of the analysis: exact (the checkpoint's training δ, default), auto "
+                                     "(0.1 × G's mean eigenvalue, at least the training δ) or a number")
+    p.add_argument("--curvature-segments", type=int,
+                   help="segments in the curvature sample (default: every segment up to the memory cap)")
+    p.add_argument("--curvature-memory-mb", type=int,
+                   help="MiB of trunk features per worker for the curvature sample (default 2048; caps it)")
     p.add_argument("--curvature-shards", type=int, help="shards the sample is spread over (default 8)")
     p.add_argument("--curvature-seed", type=int)
-    p.add_argument("--tol", type=float, help="CG relative residual (default: the engine's, 1e-5)")
+    p.add_argument("--tol", type=float, help="CG relative residual (default: 1e-8 in float64, 1e-5 in float32)")
     p.add_argument("--max-iter", type=int, help="CG iterations at most (default: the engine's)")
-    p.add_argument("--preconditioner", choices=["none", "nystrom"], help="default: the engine's (nystrom)")
+    p.add_argument("--preconditioner", choices=["none", "nystrom", "dense"],
+                   help="default: nystrom; dense forms G exactly (small θ: one CG step, exact trace-back norms)")
     p.add_argument("--nystrom-rank", type=int)
     p.add_argument("--trace", type=int, metavar="N",
                    help="also trace back up to N mispredicted --test examples (trace table; top --trace-top-k)")

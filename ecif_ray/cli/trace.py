@@ -23,7 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=10, help="training pairs per test example (default 10)")
     p.add_argument("--max-examples", type=int, default=20, help="mispredicted examples traced (default 20)")
     p.add_argument("--rank", type=int, default=128, help="curvature eigenpairs for ‖Δθ‖ (default 128)")
-    p.add_argument("--curvature-segments", type=int, default=32, help="segments in the curvature sample")
+    p.add_argument("--curvature-segments", type=int,
+                   help="segments in the curvature sample (default: every segment up to the memory cap)")
+    p.add_argument("--damping", default="exact", help="δ of the analysis: exact (default), auto or a number")
     p.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS or a new local cluster)")
     p.set_defaults(func=_run)
@@ -38,7 +40,8 @@ def _run(args: argparse.Namespace) -> int:
         ckpt=args.ckpt, train=args.train if len(args.train) > 1 else args.train[0],
         test=args.test if len(args.test) > 1 else args.test[0], out=args.out, queries=["task"],
         trace=TraceConfig(examples=args.max_examples, top_k=args.top_k, rank=args.rank),
-        curvature_segments=args.curvature_segments, workers=args.workers, address=args.address)
+        curvature_segments=args.curvature_segments, damping=args.damping, workers=args.workers,
+        address=args.address)
     result = run_score(config)
     print(format_summary(result))
     return result.exit_code

@@ -1,4 +1,4 @@
-"""Segments: the fixed partition of training pairs into contrastive batches (``Seg`` in ECIF.md).
+"""Segments: the fixed partition of training pairs into contrastive batches (``Seg`` in docs/method.md).
 
 ECIF's negative-role terms depend on which pairs share a softmax, so the partition must be a
 pure function of the data: consecutive good samples of one shard, in tar order, ``size`` at a
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.features import TrunkFeatures
 from ecif_ray.data.samples import ErrorRecord, Sample, read_shard
 from ecif_ray.data.shards import Shard, ShardSpec, list_shards
 
@@ -51,6 +52,7 @@ class PairBatch:
     meta: list[dict[str, Any]]
     images: torch.Tensor  # [B, 3, H, W] float
     tokens: torch.Tensor  # [B, L] long
+    features: TrunkFeatures | None = None  # the trunk's outputs, once computed (influence.trunk)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -67,11 +69,13 @@ class PairBatch:
         return dataclasses.replace(
             self, keys=[self.keys[i] for i in keep], shard_indices=[self.shard_indices[i] for i in keep],
             captions=[self.captions[i] for i in keep], meta=[self.meta[i] for i in keep],
-            images=self.images.index_select(0, index), tokens=self.tokens.index_select(0, index))
+            images=self.images.index_select(0, index), tokens=self.tokens.index_select(0, index),
+            features=None if self.features is None else self.features.index_select(index))
 
     def to(self, device: torch.device | str) -> PairBatch:
         """Move the tensors (not the identities) to ``device``."""
-        return dataclasses.replace(self, images=self.images.to(device), tokens=self.tokens.to(device))
+        return dataclasses.replace(self, images=self.images.to(device), tokens=self.tokens.to(device),
+                                   features=None if self.features is None else self.features.to(device))
 
 
 def segment_samples(samples: Iterable[Sample], size: int) -> Iterator[Segment]:

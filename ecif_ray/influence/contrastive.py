@@ -1,4 +1,4 @@
-"""Closed forms of the segment-level symmetric InfoNCE loss (ECIF.md §1, §2, §4, §5).
+"""Closed forms of the segment-level symmetric InfoNCE loss (docs/method.md §1, §2, §4, §5).
 
 Everything here is pure torch on a segment's similarity matrix ``S`` (``S_ij = s·û_i·v̂_j``; row i =
 text anchor i over the segment's images, column j = image anchor j over the segment's texts).
@@ -80,7 +80,7 @@ def _row_stats(S: Tensor) -> _RowStats:
 
 
 def _row_tangent_terms(stats: _RowStats, S_dot: Tensor, exact: bool) -> tuple[Tensor, Tensor]:
-    """Row parts of ECIF.md §4 for tangents ``S_dot`` (``[..., B, B]``, broadcast against S).
+    """Row parts of docs/method.md §4 for tangents ``S_dot`` (``[..., B, B]``, broadcast against S).
 
     Returns ``(D, M)``:
       * ``D_kn = Ṡ_kn − r_k`` (``r_k = Σ_j P_kj Ṡ_kj``), so that ``∂(−log P_kk)·Ṡ = −D_kk``;
@@ -133,7 +133,7 @@ def _check_negative_term(negative_term: str) -> bool:
 
 def segment_loss(S: Tensor) -> Tensor:
     """``L_seg = Σ_i [−log P^r_ii − log P^c_ii]`` — a *sum* over anchors, so that removing a pair
-    changes it by exactly that pair's ``Pos + Neg^exact`` (ECIF.md §2). Returns shape ``[...]``."""
+    changes it by exactly that pair's ``Pos + Neg^exact`` (docs/method.md §2). Returns shape ``[...]``."""
     _check_square(S)
     row = _diag(torch.log_softmax(S, dim=-1)).sum(dim=-1)
     col = _diag(torch.log_softmax(S, dim=-2)).sum(dim=-1)
@@ -141,7 +141,7 @@ def segment_loss(S: Tensor) -> Tensor:
 
 
 def zeta_perturbed_similarity(S: Tensor, log_zeta: Tensor) -> Tensor:
-    """The literal ζ construction of ECIF.md §2: add ``log ζ_n`` to row n and to column n of S.
+    """The literal ζ construction of docs/method.md §2: add ``log ζ_n`` to row n and to column n of S.
 
     The diagonal entry ``S_nn`` lies in both and gets ``log ζ_n`` *once*; only then does every
     entry of row n (and of column n) shift by the same amount, leaving pair n's own softmaxes
@@ -156,7 +156,7 @@ def zeta_perturbed_similarity(S: Tensor, log_zeta: Tensor) -> Tensor:
 
 
 def zeta_perturbed_segment_loss(S: Tensor, log_zeta: Tensor) -> Tensor:
-    """``L_seg`` of the ζ-perturbed segment (ECIF.md §2), with ``log_zeta`` of shape ``[..., B]``.
+    """``L_seg`` of the ζ-perturbed segment (docs/method.md §2), with ``log_zeta`` of shape ``[..., B]``.
 
     Equal to ``segment_loss(zeta_perturbed_similarity(S, log_zeta))``, but computed without each
     anchor's own uniform shift (which its softmax ignores): row k sees ``S_kj + log ζ_j`` for
@@ -181,7 +181,7 @@ def zeta_perturbed_segment_loss(S: Tensor, log_zeta: Tensor) -> Tensor:
 
 @dataclass
 class PairTerms:
-    """Per-pair quantities of one segment, each ``[..., B]`` (ECIF.md §2)."""
+    """Per-pair quantities of one segment, each ``[..., B]`` (docs/method.md §2)."""
 
     pos: Tensor  # Pos_n = −log P^r_nn − log P^c_nn (the pair's own loss)
     neg_taylor: Tensor  # Neg_n = Σ_{k≠n} (P^r_kn + P^c_nk)
@@ -211,7 +211,7 @@ def _check_tangent(S: Tensor, S_dot: Tensor) -> None:
 def pair_directional_derivatives(
     S: Tensor, S_dot: Tensor, negative_term: NegativeTerm = "exact"
 ) -> tuple[Tensor, Tensor]:
-    """``(sᵀ∇Pos_n, sᵀ∇Neg_n)`` for every pair n from one tangent ``Ṡ = (∂S/∂θ)·s`` (ECIF.md §4).
+    """``(sᵀ∇Pos_n, sᵀ∇Neg_n)`` for every pair n from one tangent ``Ṡ = (∂S/∂θ)·s`` (docs/method.md §4).
 
     This is the O(B²) scoring kernel: one JVP of the similarity matrix per query direction,
     then closed forms instead of per-pair gradients. ``S_dot`` is ``[B, B]`` or a stack
@@ -234,7 +234,7 @@ def pair_directional_derivatives(
 
 
 def logit_hessian_product(S: Tensor, S_dot: Tensor) -> Tensor:
-    """``Λ·Ṡ`` with ``Λ = ∇²_S L_seg`` (ECIF.md §5), the middle factor of a GGN-vector product.
+    """``Λ·Ṡ`` with ``Λ = ∇²_S L_seg`` (docs/method.md §5), the middle factor of a GGN-vector product.
 
     Each row softmax contributes ``p ⊙ ṡ − p (pᵀṡ)`` on its row and each column softmax the same
     on its column; the two are summed. ``S_dot`` may carry leading dims (e.g. ``[Q, B, B]``).

@@ -1,10 +1,16 @@
-"""Curvature and the iHVP (ECIF.md §5): s = (G + δI)⁻¹ g' for every query gradient g'.
+"""Curvature and the iHVP (docs/method.md §5): s = (G + δI)⁻¹ g' for every query gradient g'.
 
-G = (1/N) Σ_m J_mᵀ Λ_m J_m is estimated on a fixed *curvature sample* of segments, whose size
-does not grow with the corpus: (1/n) Σ_{m ∈ sample} J_mᵀ Λ_m J_m with n the sample's pair count.
+G = (1/N) Σ_m J_mᵀ Λ_m J_m is estimated on the *curvature sample* of segments: (1/n) Σ_{m ∈ sample}
+J_mᵀ Λ_m J_m with n the sample's pair count. The sample is the whole training set up to a cap
+(``influence.sample``), and it is held as trunk features stacked by segment size
+(``InfluenceTask.stack``), so a product runs the tail only, in a few large calls.
 The solver only needs a matvec on [D, Q] blocks, so the same ``solve_directions`` runs with the
 local matvec below or with one whose products are computed by Ray actors and summed on the
 driver (pipeline/).
+
+Damping of the analysis (docs/method.md §5): ``exact`` is the δ the model was trained with (the
+counterfactual of the method), ``auto`` is kronfluence's label-free rule, 0.1 × the mean
+eigenvalue of G (never below the training δ), or a number.
 """
 
 from __future__ import annotations
@@ -12,55 +18,120 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
 from ecif_ray.data.segments import PairBatch
 from ecif_ray.influence.autodiff import ggn_product
 from ecif_ray.influence.queries import QueryGradients
-from ecif_ray.influence.solvers import Matvec, NystromPreconditioner, conjugate_gradient, nystrom_preconditioner
-from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.influence.solvers import (
+    Matvec,
+    NystromPreconditioner,
+    conjugate_gradient,
+    dense_preconditioner,
+    hutchinson_trace,
+    nystrom_preconditioner,
+)
+from ecif_ray.influence.task import InfluenceTask, SegmentStack
 
-Preconditioner = Literal["none", "nystrom"]
+Preconditioner = Literal["none", "nystrom", "dense"]
+Damping = Literal["exact", "auto"] | float
+AUTO_DAMPING_FACTOR = 0.1  # kronfluence's default: 0.1 × the mean eigenvalue of the curvature
+TRACE_PROBES = 64  # Hutchinson probes for the mean eigenvalue (CG path; the dense path is exact)
+DENSE_MAX_DIM = 16384  # G as a dense [D, D] matrix: 2 GiB in float64 at this size
+STACK_ELEMENTS = 2**26  # trunk-feature elements × vectors per vmapped tail call (bounds memory)
+
+
+class SolveTarget(Protocol):
+    """What a solve needs to know of the task: an ``InfluenceTask``, or the driver's ``SolveSpace``
+    (which holds no model)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def delta(self) -> float: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> torch.device: ...
 
 
 @dataclass(frozen=True)
 class SolverSettings:
-    tol: float = 1e-5        # float32 reaches ~1e-6 at best on ill-conditioned G (eps · κ)
+    tol: float | None = None  # default: 1e-8 in float64; 1e-5 in float32, which stalls near 1e-6 (eps · κ)
     max_iter: int = 500
     # Nyström (rank 64) costs one batched block of matvecs and cut CG from 142 to 18 iterations
     # (7.2 s → 0.85 s) on the micro model with δ = 1e-2 (see tests/test_traceback.py setup).
+    # "dense" forms G exactly (D ≤ DENSE_MAX_DIM): CG then takes one step.
     preconditioner: Preconditioner = "nystrom"
     nystrom_rank: int = 64
     seed: int = 0
     chunk: int = 32  # vectors per JVP/VJP vmap (memory bound)
 
+    def tolerance(self, dtype: torch.dtype) -> float:
+        return self.tol if self.tol is not None else (1e-8 if dtype == torch.float64 else 1e-5)
+
 
 DEFAULT_SOLVER = SolverSettings()
 
 
-def ggn_sum(task: InfluenceTask, batches: list[PairBatch], V: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """Σ_{m ∈ batches} J_mᵀ Λ_m J_m V for a [D, Q] block (unnormalised: callers divide by pairs)."""
+def curvature_stacks(task: InfluenceTask, batches: list[PairBatch], chunk: int = 32) -> list[SegmentStack]:
+    """The segments' trunk features (computed once), stacked so that a vmapped tail call over
+    ``chunk`` vectors touches about ``STACK_ELEMENTS`` feature elements."""
+    if not batches:
+        return []
+    first = task.features(batches[0])
+    per_pair = max(1, first.nbytes // first.image.element_size() // max(len(first), 1))
+    return task.stack(batches, max(1, STACK_ELEMENTS // (chunk * per_pair)))
+
+
+def ggn_sum(task: InfluenceTask, stacks: list[SegmentStack], V: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Σ_m J_mᵀ Λ_m J_m V over the stacked segments for a [D, Q] block (unnormalised: callers
+    divide by pairs)."""
     out = torch.zeros_like(V)
     for start in range(0, V.shape[1], chunk):
         block = task.unflatten(V[:, start:start + chunk].T.contiguous())
-        for batch in batches:
-            product = ggn_product(task.similarity_fn(batch), task.params, block)
+        for stack in stacks:
+            product = ggn_product(task.similarity_fn(stack), task.params, block)
             out[:, start:start + chunk] += task.flatten(product, leading=1).T
     return out
 
 
 def local_matvec(task: InfluenceTask, batches: list[PairBatch], chunk: int = 32) -> Matvec:
-    """G·V on this process's curvature sample (G without δ; the solver adds δ)."""
-    n_pairs = sum(len(b) for b in batches)
+    """G·V on segments held by this process (G without δ; the solver adds δ); their trunk features
+    are computed here, once."""
+    stacks = curvature_stacks(task, batches, chunk)
+    n_pairs = sum(s.pairs for s in stacks)
     if n_pairs == 0:
         raise ValueError("the curvature sample is empty")
 
     def matvec(V: torch.Tensor) -> torch.Tensor:
-        return ggn_sum(task, batches, V, chunk) / n_pairs
+        return ggn_sum(task, stacks, V, chunk) / n_pairs
 
     return matvec
+
+
+def mean_eigenvalue(matvec: Matvec, dim: int, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                    preconditioner: NystromPreconditioner | None = None) -> float:
+    """tr(G)/D: exact from a dense eigendecomposition, else a seeded Hutchinson estimate."""
+    if preconditioner is not None and preconditioner.U.shape[1] == dim:
+        return float(preconditioner.eigenvalues.sum()) / dim
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return hutchinson_trace(matvec, dim, TRACE_PROBES, dtype=dtype, device=device, generator=generator) / dim
+
+
+def resolve_damping(damping: Damping, training_delta: float, mean_eig: Callable[[], float]) -> float:
+    """δ of the analysis: ``exact`` (the training δ), ``auto`` (0.1 × mean eigenvalue of G, at least
+    the training δ) or a number. ``mean_eig`` is only called for ``auto``."""
+    if damping == "exact":
+        return training_delta
+    if damping == "auto":
+        return max(training_delta, AUTO_DAMPING_FACTOR * mean_eig())
+    value = float(damping)
+    if value <= 0:
+        raise ValueError(f"damping must be > 0, got {value}")
+    return value
 
 
 @dataclass
@@ -82,20 +153,25 @@ class Directions:
                           self.iterations, self.converged, self.settings, self.seconds)
 
 
-def build_preconditioner(task: InfluenceTask, matvec: Matvec,
+def build_preconditioner(task: SolveTarget, matvec: Matvec,
                          settings: SolverSettings = DEFAULT_SOLVER) -> NystromPreconditioner | None:
     """The settings' preconditioner of (G + δI) on ``matvec``'s curvature sample (None: plain CG).
 
     It depends only on G, δ and the settings, not on the right-hand sides: build it once and pass
     it to every solve on the same sample (its sketch costs ``nystrom_rank`` products with G)."""
-    if settings.preconditioner != "nystrom":
+    if settings.preconditioner == "none":
         return None
+    if settings.preconditioner == "dense":
+        if task.dim > DENSE_MAX_DIM:
+            raise ValueError(f"preconditioner 'dense' forms G as a [D, D] matrix; D = {task.dim} > {DENSE_MAX_DIM}: "
+                             "use 'nystrom'")
+        return dense_preconditioner(matvec, task.dim, task.delta, dtype=task.dtype, device=task.device)
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     return nystrom_preconditioner(matvec, task.dim, min(settings.nystrom_rank, task.dim), task.delta,
                                   dtype=task.dtype, device=task.device, generator=generator)
 
 
-def solve_directions(task: InfluenceTask, queries: QueryGradients, matvec: Matvec,
+def solve_directions(task: SolveTarget, queries: QueryGradients, matvec: Matvec,
                      settings: SolverSettings = DEFAULT_SOLVER,
                      callback: Callable[[int, torch.Tensor], None] | None = None,
                      preconditioner: NystromPreconditioner | None = None) -> Directions:
@@ -108,12 +184,13 @@ def solve_directions(task: InfluenceTask, queries: QueryGradients, matvec: Matve
         preconditioner = build_preconditioner(task, matvec, settings)
     elif preconditioner.damping != task.delta:
         raise ValueError(f"the preconditioner was built for δ = {preconditioner.damping}, the task has {task.delta}")
-    result = conjugate_gradient(matvec, queries.gradients.T.contiguous(), task.delta, tol=settings.tol,
+    tol = settings.tolerance(task.dtype)
+    result = conjugate_gradient(matvec, queries.gradients.T.contiguous(), task.delta, tol=tol,
                                 max_iter=settings.max_iter, preconditioner=preconditioner, callback=callback)
     residual = result.relative_residual.reshape(-1)
     return Directions(names=queries.names, vectors=result.x.T.contiguous(), query_losses=queries.losses,
                       relative_residual=residual, iterations=result.iterations, converged=result.converged,
-                      settings={"tol": settings.tol, "max_iter": settings.max_iter,
+                      settings={"tol": tol, "max_iter": settings.max_iter,
                                 "preconditioner": settings.preconditioner, "nystrom_rank": settings.nystrom_rank,
                                 "delta": task.delta},
                       seconds=time.perf_counter() - t0)

@@ -1,11 +1,11 @@
-"""Model edit without retraining (ECIF.md §3): θ̃ = θ̂ + Σ_{n∈D*} Δθ_{−n}.
+"""Model edit without retraining (docs/method.md §3): θ̃ = θ̂ + Σ_{n∈D*} Δθ_{−n}.
 
 For a removal set D*, the parameter change is one Newton step on R − F_{D*}/N:
 
     Δθ = (G + δI)⁻¹ ∇F_{D*}(θ̂) / N,   F_{D*} = Σ_m F_{D*_m}
 
 where, per segment, F_{D*_m} is the loss change of deleting D*_m: their positive terms plus
-their negative role among the *kept* anchors (ECIF.md §2). With ``exact`` negatives that is
+their negative role among the *kept* anchors (docs/method.md §2). With ``exact`` negatives that is
 exactly L_seg(S) − L_seg(S without D*_m); with ``taylor``, the first-order negative term.
 One CG solve gives Δθ for the whole set.
 """

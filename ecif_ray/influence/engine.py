@@ -5,13 +5,14 @@
     scores = engine.score(engine.train_batches, directions)       # pyarrow.Table, one row per pair×query
     duckdb.sql("SELECT key, ecif_is FROM scores ORDER BY ecif_is DESC LIMIT 10")
 
-The distributed pipeline (ecif_ray.pipeline) runs the same pieces (task, queries, curvature,
-scoring) on Ray actors; this class is the in-process reference and the quickest way to explore.
+The distributed pipeline (ecif_ray.pipeline) runs the same pieces (task, sample planner, trunk
+features, curvature, scoring) on Ray actors; with the same inputs and settings both draw the same
+curvature sample and sum its products in the same order, so a notebook reproduces a cluster run.
 """
 
 from __future__ import annotations
 
-import random
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -20,33 +21,33 @@ import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import PairBatch, load_segments
+from ecif_ray.data.shards import Shard, list_shards
 from ecif_ray.evaluation import ClassSet
 from ecif_ray.influence.contrastive import NegativeTerm
 from ecif_ray.influence.curvature import (
     DEFAULT_SOLVER,
+    Damping,
     Directions,
     SolverSettings,
     build_preconditioner,
-    local_matvec,
+    curvature_stacks,
+    ggn_sum,
+    mean_eigenvalue,
+    resolve_damping,
     solve_directions,
 )
 from ecif_ray.influence.edit import Edit, edit
 from ecif_ray.influence.queries import ExampleQuery, QueryGradients, stack_queries
+from ecif_ray.influence.sample import DEFAULT_MEMORY_MB, max_segments, plan_in_memory
 from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.solvers import Matvec, NystromPreconditioner
-from ecif_ray.influence.task import InfluenceTask
-from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
+from ecif_ray.influence.task import InfluenceTask, SegmentStack
+from ecif_ray.influence.traceback import CurvatureBasis, TopK, curvature_basis, mispredicted, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.tables.rows import pair_rows
 from ecif_ray.tables.schema import TRACE, conform
 
-
-def sample_segments(batches: list[PairBatch], count: int, seed: int = 0) -> list[PairBatch]:
-    """A fixed, seeded curvature sample (its size independent of corpus size)."""
-    if count >= len(batches):
-        return list(batches)
-    chosen = sorted(random.Random(seed).sample(range(len(batches)), count))
-    return [batches[i] for i in chosen]
+DEFAULT_CURVATURE_SHARDS = 8  # shards per planner round (ScoreConfig.curvature_shards)
 
 
 def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.Table:
@@ -55,30 +56,120 @@ def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.T
     return pa.concat_tables([conform("pairs", pair_rows(scores, query_names, q)) for q in range(len(query_names))])
 
 
+def feature_bytes_per_pair(task: InfluenceTask, batch: PairBatch) -> int:
+    """Bytes of trunk features one pair of this model takes (what the curvature cap is counted in)."""
+    features = task.features(batch)
+    return max(1, features.nbytes // max(1, len(features)))
+
+
 @dataclass
 class ECIF:
     task: InfluenceTask
-    curvature: list[PairBatch]
+    curvature: list[list[PairBatch]]  # the sample's groups, in summation order (influence.sample)
     solver: SolverSettings = DEFAULT_SOLVER
     train_batches: list[PairBatch] = field(default_factory=list)
     segment_size: int = 32
+    training_delta: float | None = None  # δ of R(θ) (default: the task's δ at construction)
+    _stacks: list[list[SegmentStack]] | None = field(default=None, init=False, repr=False)
     _preconditioner: NystromPreconditioner | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.training_delta is None:
+            self.training_delta = self.task.delta
+
     @classmethod
-    def from_checkpoint(cls, ckpt: str, train: str | list[str], *, curvature_segments: int = 32,
-                        negative_term: NegativeTerm = "exact", solver: SolverSettings = DEFAULT_SOLVER,
-                        delta: float | None = None, device: str = "cpu",
+    def from_checkpoint(cls, ckpt: str, train: str | list[str], *, curvature_segments: int | None = None,
+                        curvature_shards: int = DEFAULT_CURVATURE_SHARDS, curvature_seed: int = 0,
+                        curvature_memory_mb: int = DEFAULT_MEMORY_MB, negative_term: NegativeTerm = "exact",
+                        solver: SolverSettings = DEFAULT_SOLVER, damping: Damping = "exact",
+                        dtype: str = "float64", device: str = "cpu",
                         storage_options: dict | None = None) -> ECIF:
         """Load θ̂ and the training segments (in memory: for corpora that fit; use the pipeline beyond).
-        ``delta``: δ of the analysis (default: the checkpoint's; docs/concepts.md on when to raise it)."""
+
+        The curvature sample and its defaults are the pipeline's (``ecif-ray score``): every segment up
+        to the memory cap, else ``curvature_segments`` drawn by the same planner. ``damping``: δ of the
+        analysis — ``exact`` (the checkpoint's), ``auto`` or a number (docs/concepts.md)."""
         checkpoint = load_checkpoint(ckpt, device)
-        batches, _ = load_segments(train, segment_size=checkpoint.meta.segment_size,
+        checkpoint.model.to(getattr(torch, dtype))
+        shards = list_shards(train, storage_options)
+        batches, _ = load_segments(shards, segment_size=checkpoint.meta.segment_size,
                                    preprocess=checkpoint.bundle.preprocess, tokenizer=checkpoint.bundle.tokenizer,
                                    storage_options=storage_options)
         n_train = int(checkpoint.meta.training.get("n_pairs") or sum(len(b) for b in batches))
-        task = InfluenceTask.from_checkpoint(checkpoint, n_train, negative_term, delta)
-        return cls(task, sample_segments(batches, curvature_segments, solver.seed), solver, batches,
-                   checkpoint.meta.segment_size)
+        task = InfluenceTask.from_checkpoint(checkpoint, n_train, negative_term)
+        return cls.from_task(task, batches, shards, curvature_segments=curvature_segments,
+                             curvature_shards=curvature_shards, curvature_seed=curvature_seed,
+                             curvature_memory_mb=curvature_memory_mb, solver=solver, damping=damping)
+
+    @classmethod
+    def from_task(cls, task: InfluenceTask, batches: list[PairBatch], shards: list[Shard] | None = None, *,
+                  curvature_segments: int | None = None, curvature_shards: int = DEFAULT_CURVATURE_SHARDS,
+                  curvature_seed: int = 0, curvature_memory_mb: int = DEFAULT_MEMORY_MB,
+                  solver: SolverSettings = DEFAULT_SOLVER, damping: Damping = "exact") -> ECIF:
+        """The engine on segments already in memory (``shards``: their listing order, default: as
+        they appear in ``batches``); the task's δ is the training δ, ``damping`` picks the analysis δ."""
+        if not batches:
+            raise ValueError("no training segments")
+        shards = shards or [Shard(url=name, name=name) for name in dict.fromkeys(b.shard for b in batches)]
+        by_shard: dict[str, list[PairBatch]] = {}
+        for b in batches:
+            by_shard.setdefault(b.shard, []).append(b)
+        size = max(len(b) for b in batches)
+        cap = max_segments(feature_bytes_per_pair(task, batches[0]), size, 1, curvature_memory_mb)
+        segments = cap if curvature_segments is None else min(curvature_segments, cap)
+        groups = plan_in_memory(by_shard, shards, segments, curvature_shards, curvature_seed)
+        engine = cls(task, groups, solver, batches, size)
+        engine.set_damping(damping)
+        return engine
+
+    # -- curvature ------------------------------------------------------------------------------
+
+    @property
+    def curvature_pairs(self) -> int:
+        return sum(len(b) for group in self.curvature for b in group)
+
+    def stacks(self) -> list[list[SegmentStack]]:
+        """The sample's trunk features, computed on first use and kept (θ̂ moves only in apply_edit)."""
+        if self._stacks is None:
+            self._stacks = [curvature_stacks(self.task, group, self.solver.chunk) for group in self.curvature]
+        return self._stacks
+
+    def matvec(self) -> Matvec:
+        """G·V on the curvature sample at the current θ̂: per-group sums added in group order, as the
+        pipeline's driver adds its workers' partial products."""
+        stacks, pairs = self.stacks(), self.curvature_pairs
+
+        def matvec(V: torch.Tensor) -> torch.Tensor:
+            total = torch.zeros_like(V)
+            for group in stacks:
+                total += ggn_sum(self.task, group, V, self.solver.chunk)
+            return total / pairs
+
+        return matvec
+
+    def set_damping(self, damping: Damping) -> float:
+        """Set δ of the analysis (``exact`` | ``auto`` | a number); returns it. A sweep reuses the
+        preconditioner's sketch (or exact eigenpairs), re-targeted at the new δ."""
+        assert self.training_delta is not None
+        delta = resolve_damping(damping, self.training_delta, self.mean_eigenvalue)
+        self.task.delta = delta
+        if self._preconditioner is not None:
+            self._preconditioner = dataclasses.replace(self._preconditioner, damping=delta)
+        return delta
+
+    def mean_eigenvalue(self) -> float:
+        """tr(G)/D on the curvature sample (exact when the dense preconditioner is built)."""
+        return mean_eigenvalue(self.matvec(), self.task.dim, dtype=self.task.dtype, device=self.task.device,
+                               seed=self.solver.seed, preconditioner=self._preconditioner)
+
+    def preconditioner(self) -> NystromPreconditioner | None:
+        """Built on first use and shared by every later solve (queries, trace, edits, δ sweeps);
+        apply_edit drops it (θ̂ moves)."""
+        if self._preconditioner is None:
+            self._preconditioner = build_preconditioner(self.task, self.matvec(), self.solver)
+        return self._preconditioner
+
+    # -- the analyses ---------------------------------------------------------------------------
 
     def load(self, spec: str | list[str], segment_size: int | None = None) -> list[PairBatch]:
         """Segments of another pair set (validation, test) with this model's preprocessing."""
@@ -92,18 +183,6 @@ class ECIF:
         grads: QueryGradients = stack_queries([q.gradients(self.task) for q in queries])
         return solve_directions(self.task, grads, self.matvec(), self.solver, preconditioner=self.preconditioner())
 
-    def matvec(self) -> Matvec:
-        """G·V on the curvature sample at the current θ̂."""
-        return local_matvec(self.task, self.curvature, self.solver.chunk)
-
-    def preconditioner(self) -> NystromPreconditioner | None:
-        """Built on first use and shared by every later solve (queries, trace, edits): the sketch
-        is most of a solve's cost. Rebuilt when δ changes; apply_edit drops it (θ̂ moves)."""
-        cached = self._preconditioner
-        if cached is None or cached.damping != self.task.delta:
-            self._preconditioner = build_preconditioner(self.task, self.matvec(), self.solver)
-        return self._preconditioner
-
     def score(self, batches: list[PairBatch], directions: Directions) -> pa.Table:
         return scores_to_arrow([score_segment(self.task, b, directions.vectors) for b in batches], directions.names)
 
@@ -116,11 +195,19 @@ class ECIF:
         if not wrong:
             return TRACE.empty_table()
         directions = self.solve(ExampleQuery(wrong, classes))
-        basis = curvature_basis(self.task, self.matvec(), rank, self.solver.seed)
+        basis = self.basis(rank)
         top = TopK(directions.names, top_k)
         for batch in self.train_batches if train_batches is None else train_batches:
             top.add(batch, trace_segment(self.task, batch, directions.vectors, basis))
         return conform("trace", pa.Table.from_pylist(top.rows()))
+
+    def basis(self, rank: int) -> CurvatureBasis:
+        """G's top eigenpairs for relative-IS norms: all of them (exact norms) when the dense
+        preconditioner is built, else a rank-``rank`` Nyström sketch."""
+        pre = self._preconditioner
+        if pre is not None and pre.U.shape[1] == self.task.dim:
+            return CurvatureBasis(U=pre.U, eigenvalues=pre.eigenvalues, delta=self.task.delta)
+        return curvature_basis(self.task, self.matvec(), rank, self.solver.seed)
 
     def edit(self, removed: ExclusionSet) -> Edit:
         return edit(self.task, self.train_batches, removed, self.matvec(), self.solver, self.preconditioner())
@@ -130,5 +217,4 @@ class ECIF:
         with torch.no_grad():
             for name, p in self.task.subset.trainable(self.task.bundle.model).items():
                 p.add_(change.delta_theta[name].to(p))  # task.params share storage: θ̂ becomes θ̃
-        self._preconditioner = None  # G is evaluated at θ̂, which just moved
-
+        self._preconditioner = None  # G is evaluated at θ̂, which just moved (trunk features did not)

@@ -1,4 +1,4 @@
-"""Queries: the losses whose change the scores predict (ECIF.md §3).
+"""Queries: the losses whose change the scores predict (docs/method.md §3).
 
 A query yields one or more gradient vectors g' = ∇L'(θ̂) (rows of a [Q, D] block); the driver
 turns each into a direction s = (G + δI)⁻¹ g' once, and the scoring pass projects every pair's
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ecif_ray.data.features import TrunkFeatures
 from ecif_ray.data.segments import PairBatch
-from ecif_ray.evaluation import ClassSet, class_embeddings, labels_of
+from ecif_ray.evaluation import ClassSet, labels_of, prompt_classifier, prompt_tokens
 from ecif_ray.influence.autodiff import Params
 from ecif_ray.influence.contrastive import segment_loss
 from ecif_ray.influence.task import InfluenceTask
-from ecif_ray.models.factory import encode
 
 
 @dataclass
@@ -57,11 +57,11 @@ class ValidationQuery:
         return QueryGradients([self.name], g[None], loss[None])
 
 
-def zero_shot_logits(task: InfluenceTask, images: torch.Tensor, classes: ClassSet, params: Params) -> torch.Tensor:
-    """s · v̂ · t̂_cᵀ for each image and class prompt embedding, both functions of θ."""
-    classifier = class_embeddings(task.bundle, classes, params)
-    image = encode(task.bundle.model, images=images.to(task.device, task.dtype), params=params)[0]
-    return task.logit_scale * image @ classifier.T
+def zero_shot_logits(task: InfluenceTask, images: TrunkFeatures, classes: ClassSet, params: Params) -> torch.Tensor:
+    """s · v̂ · t̂_cᵀ for each image (its trunk features) and class prompt embedding, both functions of θ."""
+    prompts = task.embeddings(task.trunk(tokens=prompt_tokens(task.bundle, classes)), params)[1]
+    image = task.embeddings(images, params)[0]
+    return task.logit_scale * image @ prompt_classifier(prompts, classes).T
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ZeroShotQuery:
 
     def loss(self, task: InfluenceTask, params: Params) -> torch.Tensor:
         n = sum(len(b) for b in self.batches)
-        total = sum(F.cross_entropy(zero_shot_logits(task, b.images, self.classes, params),
+        total = sum(F.cross_entropy(zero_shot_logits(task, task.trunk(images=b.images), self.classes, params),
                                     labels_of(b).to(task.device), reduction="sum") for b in self.batches)
         return total / n
 
@@ -96,7 +96,7 @@ class ExampleQuery:
             label = labels_of(batch)[i:i + 1].to(task.device)
 
             def loss_fn(params: Params, batch: PairBatch = batch, i: int = i, label: torch.Tensor = label):
-                logits = zero_shot_logits(task, batch.images[i:i + 1], self.classes, params)
+                logits = zero_shot_logits(task, task.trunk(images=batch.images[i:i + 1]), self.classes, params)
                 return F.cross_entropy(logits, label)
 
             g, loss = _gradient(task, loss_fn)

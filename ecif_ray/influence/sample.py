@@ -1,7 +1,11 @@
 """The curvature sample: which segments estimate G, chosen from the data alone (never from scheduling).
 
-G is estimated on a fixed sample of ``K = curvature_segments`` segments whose size does not grow
-with the corpus (ECIF.md §5). The sample is drawn in deterministic *rounds*:
+G is estimated on a sample of ``K`` segments (docs/method.md §5). By default K is "every segment,
+up to a cap": the cap is the number of segments whose trunk features fit the workers' memory
+budget (``max_segments``), so small and medium corpora use all their data and a web-scale one a
+seeded sample of fixed size. One planner serves the notebook engine (``plan_in_memory``) and the
+Ray pipeline (workers read the shards they are asked for), so both draw the same sample. The
+sample is drawn in deterministic *rounds*:
 
 1. the shards are put in a seeded random order;
 2. a round asks the next ``min(curvature_shards, R, shards left)`` shards for the R segments
@@ -21,10 +25,19 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from ecif_ray.data.shards import Shard
+
+T = TypeVar("T")
+DEFAULT_MEMORY_MB = 2048  # trunk features of the curvature sample per worker
+
+
+def max_segments(bytes_per_pair: int, segment_size: int, workers: int = 1, memory_mb: int = DEFAULT_MEMORY_MB) -> int:
+    """The cap: segments whose trunk features fit ``memory_mb`` on each of ``workers`` workers."""
+    return max(1, (memory_mb * 2**20 * workers) // max(1, bytes_per_pair * segment_size))
 
 
 @dataclass(frozen=True)
@@ -91,3 +104,21 @@ class CurvaturePlanner:
     def record(self, groups: Sequence[CurvatureGroup]) -> None:
         """Account for what a round's requests returned."""
         self.missing -= sum(len(g.segments) for g in groups)
+
+
+def plan_in_memory(segments_by_shard: dict[str, list[T]], shards: Sequence[Shard], segments: int,
+                   shards_per_round: int, seed: int) -> list[list[T]]:
+    """The planner run against segments already in memory (the notebook engine): the groups, in
+    summation order, exactly as Ray workers would take them from the same shards."""
+    planner = CurvaturePlanner(shards, segments, shards_per_round, seed)
+    groups: list[list[T]] = []
+    while requests := planner.next_round():
+        taken = []
+        for request in requests:
+            have = segments_by_shard.get(request.shard.name, [])
+            chosen = choose_segments(request.shard.name, len(have), request.quota, request.seed)
+            taken.append(CurvatureGroup(request.group, request.shard.name, tuple(chosen), 0, len(have)))
+            if chosen:
+                groups.append([have[i] for i in chosen])
+        planner.record(taken)
+    return groups

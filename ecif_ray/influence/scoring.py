@@ -1,4 +1,4 @@
-"""The scoring pass for one segment (ECIF.md §4): one JVP per direction, then closed forms.
+"""The scoring pass for one segment (docs/method.md §4): one JVP per direction, then closed forms.
 
 For a direction s (a solved query), Ṡ = (∂S/∂θ)·s gives every pair's sᵀ∇Pos_n and sᵀ∇Neg_n in
 O(B²); the scores are then

@@ -1,23 +1,48 @@
 """The influence task: what is differentiated, at which point, under which objective.
 
 Like kronfluence's ``Task``, an ``InfluenceTask`` fixes the model, the parameter subset θ and
-its fitted value θ̂, the logit scale s, the damping δ of R(θ) and N (the training-set size that
-scales every score, ECIF.md §3). Everything downstream (queries, curvature, scoring, edits)
-takes a task and segments; none of it knows about files or Ray.
+its fitted value θ̂, the logit scale s, the damping δ of the analysis and N (the training-set size
+that scales every score, docs/method.md §3). Everything downstream (queries, curvature, scoring,
+edits) takes a task and segments; none of it knows about files or Ray.
+
+The task also owns the trunk/tail split (``influence.trunk``): ``features`` runs the frozen trunk
+once for a batch (or returns the features already attached to it), and every function of θ
+(``similarity_fn``, ``embeddings``) runs the tail only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ecif_ray.data.features import TrunkFeatures
 from ecif_ray.data.segments import PairBatch
 from ecif_ray.influence.autodiff import Params, SimilarityFn, flatten, unflatten
 from ecif_ray.influence.contrastive import NegativeTerm
+from ecif_ray.influence.trunk import Tail, TrunkSplit, run_trunk
 from ecif_ray.models.checkpoint import Checkpoint
-from ecif_ray.models.factory import ClipBundle, similarity_matrix
+from ecif_ray.models.factory import ClipBundle
 from ecif_ray.models.subsets import ParamSubset
+
+
+@dataclass
+class SegmentStack:
+    """Trunk features of M equal-size segments, one after the other: one tail call gives all M
+    similarity matrices ([M, B, B]), so a G·V product is a few large calls, not one per segment."""
+
+    features: TrunkFeatures
+    segment_size: int
+
+    @property
+    def segments(self) -> int:
+        return len(self.features) // self.segment_size
+
+    @property
+    def pairs(self) -> int:
+        return len(self.features)
 
 
 @dataclass
@@ -29,6 +54,8 @@ class InfluenceTask:
     n_train: int
     negative_term: NegativeTerm = "exact"
     params: Params = field(init=False)
+    split: TrunkSplit = field(init=False)
+    _tail: Tail = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.n_train < 1:
@@ -37,6 +64,8 @@ class InfluenceTask:
             raise ValueError(f"delta must be > 0 (it makes G + δI invertible), got {self.delta}")
         self.bundle.model.eval()
         self.params = {n: p.detach() for n, p in self.subset.trainable(self.bundle.model).items()}
+        self.split = TrunkSplit.for_model(self.bundle.model, self.names)
+        self._tail = Tail(self.bundle.model, self.split)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, n_train: int, negative_term: NegativeTerm = "exact",
@@ -62,12 +91,57 @@ class InfluenceTask:
     def dtype(self) -> torch.dtype:
         return next(iter(self.params.values())).dtype
 
-    def similarity_fn(self, batch: PairBatch) -> SimilarityFn:
-        """θ ↦ S(θ) for one segment."""
-        images, tokens = batch.images.to(self.device, self.dtype), batch.tokens.to(self.device)
+    # -- trunk (once per pair, no gradients) and tail (a function of θ) ---------------------------
+
+    def trunk(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> TrunkFeatures:
+        """The trunk's outputs for raw inputs (either may be None)."""
+        return run_trunk(self.bundle.model, self.split,
+                         None if images is None else images.to(self.device, self.dtype),
+                         None if tokens is None else tokens.to(self.device))
+
+    def features(self, batch: PairBatch) -> TrunkFeatures:
+        """The batch's trunk features: the attached ones, else computed now."""
+        if batch.features is not None:
+            return batch.features.to(self.device)
+        return self.trunk(batch.images, batch.tokens)
+
+    def featurize(self, batch: PairBatch) -> PairBatch:
+        """The batch with its trunk features attached (computed once, reused by every later call)."""
+        return batch if batch.features is not None else dataclasses.replace(batch, features=self.features(batch))
+
+    def stack(self, batches: Sequence[PairBatch], max_pairs: int) -> list[SegmentStack]:
+        """Equal-size segments' features stacked, at most ``max_pairs`` pairs (≥ one segment) a stack."""
+        stacks: list[SegmentStack] = []
+        by_size: dict[int, list[TrunkFeatures]] = {}
+        for batch in batches:
+            by_size.setdefault(len(batch), []).append(self.features(batch))
+        for size, parts in by_size.items():
+            per_stack = max(1, max_pairs // size)
+            for start in range(0, len(parts), per_stack):
+                stacks.append(SegmentStack(TrunkFeatures.cat(parts[start:start + per_stack]), size))
+        return stacks
+
+    def embeddings(self, features: TrunkFeatures, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised (image, text) embeddings of θ from trunk features (a skipped tower gives an
+        empty tensor)."""
+        image = features.image if features.image.numel() else None
+        text = features.text if features.text.numel() else None
+        out = torch.func.functional_call(self._tail, Tail.params(params), (image, text, features.tokens),
+                                         strict=False)
+        return tuple(torch.empty(0) if e is None else e for e in out)  # type: ignore[return-value]
+
+    def similarity_fn(self, batch: PairBatch | SegmentStack) -> SimilarityFn:
+        """θ ↦ S(θ): [B, B] for one segment, [M, B, B] for a stack (row i = text i, column j = image j)."""
+        if isinstance(batch, SegmentStack):
+            features, segments = batch.features.to(self.device), batch.segments
+        else:
+            features, segments = self.features(batch), 0
 
         def similarity(params: Params) -> torch.Tensor:
-            return similarity_matrix(self.bundle.model, images, tokens, self.logit_scale, params)
+            image, text = self.embeddings(features, params)
+            if segments:
+                image, text = image.unflatten(0, (segments, -1)), text.unflatten(0, (segments, -1))
+            return self.logit_scale * text @ image.mT
 
         return similarity
 

@@ -1,4 +1,4 @@
-"""Relative-IS trace-back (ECIF.md §3): which training pairs caused a test example's mistake.
+"""Relative-IS trace-back (docs/method.md §3): which training pairs caused a test example's mistake.
 
     relative-IS(x, n) = −∇ℓ_x(θ̂)ᵀ Δθ_{−n} / ‖Δθ_{−n}‖,   Δθ_{−n} = H⁻¹ ∇F_n / N
 
@@ -26,6 +26,7 @@ from ecif_ray.data.segments import PairBatch
 from ecif_ray.evaluation import ClassSet, labels_of
 from ecif_ray.influence.autodiff import segment_vjp
 from ecif_ray.influence.contrastive import pair_terms
+from ecif_ray.influence.curvature import SolveTarget
 from ecif_ray.influence.queries import zero_shot_logits
 from ecif_ray.influence.solvers import Matvec, nystrom_preconditioner
 from ecif_ray.influence.task import InfluenceTask
@@ -47,7 +48,7 @@ class CurvatureBasis:
         return torch.sqrt(inside + outside)
 
 
-def curvature_basis(task: InfluenceTask, matvec: Matvec, rank: int, seed: int = 0) -> CurvatureBasis:
+def curvature_basis(task: SolveTarget, matvec: Matvec, rank: int, seed: int = 0) -> CurvatureBasis:
     rank = min(rank, task.dim)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     nystrom = nystrom_preconditioner(matvec, task.dim, rank, task.delta, dtype=task.dtype, device=task.device,
@@ -136,7 +137,7 @@ def mispredicted(task: InfluenceTask, batches: list[PairBatch], classes: ClassSe
     """Test examples the model gets wrong, in shard order (at most ``limit``)."""
     wrong: list[tuple[PairBatch, int]] = []
     for batch in batches:
-        predicted = zero_shot_logits(task, batch.images, classes, task.params).argmax(dim=1).cpu()
+        predicted = zero_shot_logits(task, task.trunk(images=batch.images), classes, task.params).argmax(dim=1).cpu()
         for i in torch.nonzero(predicted != labels_of(batch)).flatten().tolist():
             wrong.append((batch, i))
             if limit is not None and len(wrong) >= limit:

@@ -64,6 +64,6 @@ def encode(model: nn.Module, images: torch.Tensor | None = None, tokens: torch.T
 
 def similarity_matrix(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, logit_scale: float,
                       params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """S_ij = s · û_i · v̂_j for one segment (ECIF.md §1): row i = text i, column j = image j."""
+    """S_ij = s · û_i · v̂_j for one segment (docs/method.md §1): row i = text i, column j = image j."""
     image, text = encode(model, images, tokens, params)
     return logit_scale * text @ image.T

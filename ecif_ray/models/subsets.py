@@ -6,7 +6,7 @@ prepares the model (adds LoRA adapters when asked, sets ``requires_grad``) and
 (``functional_call``/``jvp``/``vjp``) differentiates; everything else stays in the module as a
 frozen constant.
 
-The logit scale is never part of θ: ECIF.md holds it fixed during influence analysis, and the
+The logit scale is never part of θ: docs/method.md holds it fixed during influence analysis, and the
 fine-tuning objective R(θ) is defined with it fixed too.
 """
 
@@ -32,7 +32,7 @@ _FROZEN_ALWAYS = ("logit_scale", "logit_bias")
 
 
 class ParamSubset(BaseModel):
-    """Which parameters form θ (see ECIF.md §1)."""
+    """Which parameters form θ (see docs/method.md §1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

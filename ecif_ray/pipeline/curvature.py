@@ -1,6 +1,6 @@
 """The curvature pass on the driver: query gradients, the distributed GGN matvec, CG, saved directions.
 
-Workers hold the curvature sample (``pipeline.plan``) group by group and return one partial
+Workers hold the curvature sample (``influence.sample``) group by group, as trunk features, and return one partial
 product Σ_m J_mᵀ Λ_m J_m V per group; the driver adds them in group order and divides by the
 sample's pair count, which is exactly the matvec the single-process engine's ``local_matvec``
 computes, and runs the engine's own ``solve_directions`` with it. A worker that dies mid-pass is
@@ -13,6 +13,7 @@ rerun with the same fingerprint, so the iHVP is solved once per run, not once pe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +26,20 @@ from ray.exceptions import RayActorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ecif_ray.influence.curvature import Directions, SolverSettings, solve_directions
+from ecif_ray.data.shards import Shard
+from ecif_ray.influence.curvature import (
+    Damping,
+    Directions,
+    SolverSettings,
+    build_preconditioner,
+    mean_eigenvalue,
+    resolve_damping,
+    solve_directions,
+)
 from ecif_ray.influence.queries import QueryGradients
+from ecif_ray.influence.sample import CurvatureGroup, CurvaturePlanner, CurvatureRequest
 from ecif_ray.influence.traceback import CurvatureBasis, curvature_basis
 from ecif_ray.pipeline.events import CurvatureLoaded, Listener, SolverStep
-from ecif_ray.pipeline.plan import CurvatureGroup, CurvaturePlanner, CurvatureRequest
 from ecif_ray.pipeline.pool import WorkerPool
 from ecif_ray.pipeline.worker import QueryResult, QuerySpec
 from ecif_ray.tables.store import DIRECTIONS_DIR, RunStore
@@ -80,6 +90,18 @@ def query_gradients(pool: WorkerPool, spec: QuerySpec) -> QueryResult:
     return call_with_recovery(pool, pool.actors[0], lambda actor: actor.query_gradients.remote(spec))
 
 
+def feature_bytes_per_pair(pool: WorkerPool, shards: list[Shard]) -> int:
+    """Trunk-feature bytes per pair, measured by a worker on the first readable shard."""
+    error: Exception | None = None
+    for shard in shards[:8]:
+        try:
+            return call_with_recovery(pool, pool.actors[0],
+                                      lambda actor, s=shard: actor.feature_bytes_per_pair.remote(s))
+        except ray.exceptions.RayTaskError as exc:  # an unreadable shard: try the next one
+            error = exc
+    raise ValueError(f"train: no readable shard among the first {min(len(shards), 8)}: {error}")
+
+
 class DistributedCurvature:
     """The curvature sample spread over the pool's actors, and G·V over it."""
 
@@ -91,7 +113,7 @@ class DistributedCurvature:
         self.sample = CurvatureSample()
 
     def load(self) -> CurvatureSample:
-        """Draw the sample round by round (see ``pipeline.plan``); groups that got nothing are dropped."""
+        """Draw the sample round by round (see ``influence.sample``); groups that got nothing are dropped."""
         while requests := self.planner.next_round():
             round_groups = self._load_round(requests)
             self.planner.record(round_groups)
@@ -157,24 +179,34 @@ class DistributedCurvature:
 
 
 def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, space: SolveSpace,
-          settings: SolverSettings, emit: Listener, basis_rank: int | None = None
+          settings: SolverSettings, damping: Damping, emit: Listener, basis_rank: int | None = None
           ) -> tuple[Directions, CurvatureSample, CurvatureBasis | None]:
-    """Load the sample, run CG with the distributed matvec, optionally take G's top eigenpairs
-    (for trace-back's ‖Δθ₋ₙ‖), free the sample."""
+    """Load the sample, set the analysis δ (``space.delta`` is the training δ), run CG with the
+    distributed matvec, optionally take G's top eigenpairs (for trace-back's ‖Δθ₋ₙ‖), free the sample."""
     curvature = DistributedCurvature(pool, planner)
     sample = curvature.load()
     emit(CurvatureLoaded(groups=len(sample.groups), segments=sample.segments, pairs=sample.pairs))
     gradients = QueryGradients(queries.names, torch.tensor(queries.gradients, dtype=space.dtype),
                                torch.tensor(queries.losses, dtype=space.dtype))
+    preconditioner = build_preconditioner(space, curvature.matvec, settings) if settings.preconditioner == "dense" \
+        else None
+    delta = resolve_damping(damping, space.delta, lambda: mean_eigenvalue(
+        curvature.matvec, space.dim, dtype=space.dtype, device=space.device, seed=settings.seed,
+        preconditioner=preconditioner))
+    space = dataclasses.replace(space, delta=delta)
+    if preconditioner is not None:
+        preconditioner = dataclasses.replace(preconditioner, damping=delta)
 
     def progress(iteration: int, residual: torch.Tensor) -> None:
         emit(SolverStep(iteration, float(residual.max())))
 
-    # The engine's solver and basis read only dim/delta/dtype/device of the task: SolveSpace has them.
-    directions = solve_directions(space, gradients, curvature.matvec, settings, callback=progress)  # type: ignore[arg-type]
+    directions = solve_directions(space, gradients, curvature.matvec, settings, callback=progress,
+                                  preconditioner=preconditioner)
     basis = None
-    if basis_rank:
-        basis = curvature_basis(space, curvature.matvec, basis_rank, settings.seed)  # type: ignore[arg-type]
+    if basis_rank and preconditioner is not None:  # dense: every eigenpair, exact norms
+        basis = CurvatureBasis(U=preconditioner.U, eigenvalues=preconditioner.eigenvalues, delta=delta)
+    elif basis_rank:
+        basis = curvature_basis(space, curvature.matvec, basis_rank, settings.seed)
     curvature.release()
     return directions, sample, basis
 

@@ -11,10 +11,10 @@ import torch
 from ecif_ray.config import absolute_local
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import Directions
+from ecif_ray.influence.sample import CurvaturePlanner, max_segments
 from ecif_ray.influence.traceback import CurvatureBasis
 from ecif_ray.pipeline import curvature
 from ecif_ray.pipeline.events import DirectionsReady, Listener, WorkersReady
-from ecif_ray.pipeline.plan import CurvaturePlanner
 from ecif_ray.pipeline.pool import WorkerPool, plan_pool
 from ecif_ray.pipeline.run import PassResult, Prepared, checkpoint_files, lineage, ray_session
 from ecif_ray.pipeline.scheduler import ShardScheduler
@@ -47,7 +47,7 @@ def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
                                  float(directions.relative_residual.max()), directions.seconds))
 
             t2 = time.perf_counter()
-            basis_ref = None if basis is None else ray.put((basis.U.numpy(), basis.eigenvalues.numpy()))
+            basis_ref = None if basis is None else ray.put((basis.U.numpy(), basis.eigenvalues.numpy(), basis.delta))
             arrays = (ray.put(directions.vectors.numpy()), basis_ref)  # put once, shared by every task
             scheduler = ShardScheduler(pool, job_factory(prep, directions, meta), arrays, cfg.max_attempts, emit,
                                        failure_writer(prep, directions, meta))
@@ -81,12 +81,18 @@ def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
                      test_spec=absolute_local(cfg.test), classes=absolute_local(cfg.classes),
                      trace_examples=cfg.trace.examples if cfg.trace else 0)
     queries = curvature.query_gradients(pool, spec)
-    planner = CurvaturePlanner(prep.shards, cfg.curvature_segments, cfg.curvature_shards, cfg.curvature_seed)
+    cap = max_segments(curvature.feature_bytes_per_pair(pool, prep.shards), prep.checkpoint["segment_size"],
+                       len(pool.actors), cfg.curvature_memory_mb)
+    segments = cap if cfg.curvature_segments is None else min(cfg.curvature_segments, cap)
+    planner = CurvaturePlanner(prep.shards, segments, cfg.curvature_shards, cfg.curvature_seed)
     space = curvature.SolveSpace(dim=prep.checkpoint["dim"], delta=prep.checkpoint["delta"],
                                  dtype=getattr(torch, cfg.dtype))
     rank = cfg.trace.rank if cfg.trace and queries.traced else None
-    directions, sample, basis = curvature.solve(pool, planner, queries, space, cfg.solver_settings(), emit, rank)
-    extra = {"curvature": {**sample.describe(), "seed": cfg.curvature_seed},
+    directions, sample, basis = curvature.solve(pool, planner, queries, space, cfg.solver_settings(), cfg.damping,
+                                                emit, rank)
+    extra = {"curvature": {**sample.describe(), "seed": cfg.curvature_seed, "cap_segments": cap},
+             "damping": {"rule": cfg.damping, "training_delta": prep.checkpoint["delta"],
+                         "delta": directions.settings["delta"]},
              "queries": {name: {"examples": queries.pairs[name], "loss": float(loss)}
                          for name, loss in zip(queries.names, queries.losses) if name in queries.pairs},
              "traced": queries.traced, "basis_rank": None if basis is None else int(basis.U.shape[1]),

@@ -173,14 +173,19 @@ def describe_checkpoint(path: Path, config: ScoreConfig) -> dict[str, Any]:
     n_train = config.n_train or meta.training.get("n_pairs")
     if not n_train:
         raise ValueError("n_train: the checkpoint records no training pair count (training.n_pairs); set n_train")
-    delta = config.delta or meta.delta
+    # The training δ (the analysis δ follows from config.damping on the driver, after the curvature pass).
+    delta = meta.delta
     if delta <= 0:
-        raise ValueError("delta: the checkpoint was trained with δ = 0; set delta > 0 for the analysis")
+        if config.damping in ("exact", "auto"):
+            raise ValueError("damping: the checkpoint was trained with δ = 0; set damping to a number > 0")
+        delta = float(config.damping)
     ckpt.model.to(getattr(torch, config.dtype))
-    task = InfluenceTask.from_checkpoint(ckpt, n_train=int(n_train), negative_term=config.negative_term, delta=delta)
+    task = InfluenceTask.from_checkpoint(ckpt, n_train=int(n_train), negative_term=config.negative_term,
+                                         delta=delta)
     return {"path": str(config.ckpt), "sha256": checkpoint_fingerprint(path), "arch": meta.arch,
             "param_subset": meta.param_subset.describe(), "logit_scale": meta.logit_scale, "delta": delta,
             "segment_size": config.segment_size or meta.segment_size, "n_train": int(n_train), "dim": task.dim,
+            "trunk": task.split.describe(),
             "dtype": config.dtype}
 
 
@@ -261,7 +266,8 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
         manifest.solver = {**passes.directions.get("settings", {}), "iterations": passes.directions["iterations"],
                            "converged": passes.directions["converged"],
                            "relative_residual": passes.directions["relative_residual"],
-                           "seconds": passes.directions["seconds"], "reused": passes.reused}
+                           "seconds": passes.directions["seconds"], "reused": passes.reused,
+                           "damping": passes.directions.get("damping", {})}
         manifest.curvature = passes.directions.get("curvature", {})
     if passes.records and any(r.trace for r in records.values()):
         manifest.counts["trace_rows"] = write_trace(prep, records.values())
@@ -335,11 +341,13 @@ def lineage(prep: Prepared, directions: Directions, meta: dict[str, Any]) -> dic
     ckpt = prep.checkpoint
     return {
         "run_id": prep.run_id, "fingerprint": prep.fingerprint, "checkpoint_sha256": ckpt["sha256"],
-        "arch": ckpt["arch"], "param_subset": ckpt["param_subset"], "delta": ckpt["delta"],
+        "arch": ckpt["arch"], "param_subset": ckpt["param_subset"], "delta": directions.settings["delta"],
+        "training_delta": ckpt["delta"], "damping": str(prep.config.damping), "trunk": ckpt["trunk"],
         "negative_term": prep.config.negative_term, "n_train": ckpt["n_train"], "segment_size": ckpt["segment_size"],
         "dtype": prep.config.dtype, "queries": [n for n in directions.names if n not in (meta.get("traced") or [])],
         "primary_query": directions.names[0], "traced_examples": len(meta.get("traced") or []),
-        "solver": {**prep.config.solver.model_dump(), "iterations": directions.iterations,
+        "solver": {**prep.config.solver.model_dump(), "tol": directions.settings["tol"],
+                   "iterations": directions.iterations,
                    "converged": directions.converged, "relative_residual": meta["relative_residual"]},
         "curvature_segments": meta.get("curvature", {}).get("segments"),
         "curvature_pairs": meta.get("curvature", {}).get("pairs"), "curvature_seed": prep.config.curvature_seed,

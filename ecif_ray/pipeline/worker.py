@@ -33,12 +33,12 @@ from ecif_ray.data.samples import ErrorRecord
 from ecif_ray.data.segments import PairBatch, collate_segment, load_segments, shard_segments
 from ecif_ray.data.shards import Shard
 from ecif_ray.evaluation import find_classes
-from ecif_ray.influence.curvature import ggn_sum
+from ecif_ray.influence.curvature import curvature_stacks, ggn_sum
 from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
-from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.influence.sample import CurvatureGroup, CurvatureRequest, choose_segments
+from ecif_ray.influence.task import InfluenceTask, SegmentStack
 from ecif_ray.influence.traceback import CurvatureBasis, mispredicted
 from ecif_ray.models.checkpoint import load_checkpoint
-from ecif_ray.pipeline.plan import CurvatureGroup, CurvatureRequest, choose_segments
 from ecif_ray.pipeline.shard import SegmentDone, ShardInputs, ShardJob, score_shard
 from ecif_ray.tables.store import RunStore, ShardRecord
 
@@ -104,12 +104,12 @@ class InfluenceWorker:
                                   tokenizer=bundle.tokenizer, exclude=settings.exclude,
                                   storage_options=settings.storage_options, pool=pool)
         self.store = RunStore(settings.out, settings.storage_options)
-        self.curvature: dict[int, list[PairBatch]] = {}
+        self.curvature: dict[int, list[SegmentStack]] = {}
         self.ready_rss = peak_rss_bytes()  # the floor: interpreter, libraries and the model, before any work
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": self.device, "dim": self.task.dim,
-                "dtype": str(self.task.dtype).removeprefix("torch.")}
+                "dtype": str(self.task.dtype).removeprefix("torch."), "trunk": self.task.split.describe()}
 
     def memory(self) -> dict[str, Any]:
         """This actor's process, its peak resident set size so far and that peak when the model was loaded
@@ -156,17 +156,27 @@ class InfluenceWorker:
     # -- curvature -----------------------------------------------------------------------------
 
     def load_curvature(self, request: CurvatureRequest) -> CurvatureGroup:
-        """Read the shard, keep the segments the plan chooses, hold them as model inputs."""
+        """Read the shard, keep the segments the plan chooses, hold their trunk features (not the images)."""
         segments, _ = shard_segments(request.shard, segment_size=self.settings.segment_size,
                                      exclude=self.settings.exclude, storage_options=self.settings.storage_options,
                                      pool=self.inputs.pool)
         chosen = choose_segments(request.shard.name, len(segments), request.quota, request.seed)
         batches = [collate_segment(segments[i], self.inputs.preprocess, self.inputs.tokenizer, self.inputs.pool)
                    for i in chosen]
-        self.curvature[request.group] = batches
+        self.curvature[request.group] = curvature_stacks(self.task, batches, self.settings.ggn_chunk)
         return CurvatureGroup(group=request.group, shard=request.shard.name,
                               segments=tuple(segments[i].index for i in chosen),
                               pairs=sum(len(b) for b in batches), shard_segments=len(segments))
+
+    def feature_bytes_per_pair(self, shard: Shard) -> int:
+        """Bytes of trunk features per pair (the curvature cap's unit), from the shard's first segment."""
+        segments, _ = shard_segments(shard, segment_size=self.settings.segment_size,
+                                     storage_options=self.settings.storage_options)
+        if not segments:
+            raise ValueError(f"train: {shard.name}: no readable pairs to size the curvature sample with")
+        batch = collate_segment(segments[0], self.inputs.preprocess, self.inputs.tokenizer)
+        features = self.task.features(batch)
+        return max(1, features.nbytes // len(features))
 
     def ggn(self, groups: list[int], vectors: np.ndarray) -> list[np.ndarray]:
         """Σ_{m ∈ group} J_mᵀ Λ_m J_m V for each requested group (unnormalised, in request order)."""
@@ -179,13 +189,14 @@ class InfluenceWorker:
     # -- scoring -------------------------------------------------------------------------------
 
     def score_shard(self, job: ShardJob, directions: np.ndarray,
-                    basis: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[SegmentDone | ShardRecord]:
-        """Stream one shard (``pipeline.shard``); ``basis`` = G's eigenpairs (U, λ) when tracing back."""
+                    basis: tuple[np.ndarray, np.ndarray, float] | None = None) -> Iterator[SegmentDone | ShardRecord]:
+        """Stream one shard (``pipeline.shard``); ``basis`` = G's eigenpairs (U, λ) and the analysis δ
+        when tracing back."""
         vectors = torch.tensor(directions, device=self.task.device, dtype=self.task.dtype)
         curvature = None
         if basis is not None:
-            U, eigenvalues = (torch.tensor(a, device=self.task.device, dtype=self.task.dtype) for a in basis)
-            curvature = CurvatureBasis(U=U, eigenvalues=eigenvalues, delta=self.task.delta)
+            U, eigenvalues = (torch.tensor(a, device=self.task.device, dtype=self.task.dtype) for a in basis[:2])
+            curvature = CurvatureBasis(U=U, eigenvalues=eigenvalues, delta=float(basis[2]))
         yield from score_shard(self.task, self.inputs, job, vectors, self.store, curvature)
 
 
