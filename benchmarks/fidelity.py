@@ -25,11 +25,11 @@ import torch
 from ecif_ray.data.corpus import CorpusSpec, build_corpus
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import load_segments
-from ecif_ray.evaluation import find_classes, labels_of
 from ecif_ray.fidelity import LeaveOut, agreement, fitted_experiment
 from ecif_ray.influence.curvature import SolverSettings, local_matvec
 from ecif_ray.influence.edit import edit
 from ecif_ray.influence.queries import zero_shot_logits
+from ecif_ray.models.zeroshot import find_classes, labels_of
 from ecif_ray.training import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"

@@ -8,6 +8,8 @@ and compare the actual validation-loss change L'(θ̂) − L'(θ̂_{−D*}) with
 
     LDS Pos+Neg  = Spearman(actual, Σ_{D*} ecif_is)   (ECIF: positive + negative roles)
     LDS Pos-only = Spearman(actual, Σ_{D*} pos_is)    (the classical pointwise influence function)
+    LDS auto     = the same for ecif_is with the analysis damping ``auto`` (0.1 × G's mean eigenvalue,
+                   at least the fitted δ) instead of the fitted δ (``exact``, the counterfactual)
 
 plus the least-squares slope of actual on predicted (1 = calibrated). δ is per subset: LoRA needs
 a small one: A = B = 0 (the adapters' anchor) is a stationary point of R and a local minimum once δ
@@ -41,11 +43,12 @@ import numpy as np
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
-from ecif_ray.fidelity import Experiment, LeaveOut, agreement, fitted_experiment
+from ecif_ray.fidelity import Experiment, LeaveOut, agreement, fitted_experiment, score_experiment
 from ecif_ray.training import objective
 
 IDENTITY = ("dataset", "subset", "seed", "train_size")
-METRICS = ("lds_ecif", "lds_pos", "slope_ecif", "slope_pos", "fit_seconds", "refit_seconds_mean", "n_subsets")
+METRICS = ("lds_ecif", "lds_pos", "lds_auto", "slope_ecif", "slope_pos", "slope_auto", "fit_seconds",
+           "refit_seconds_mean", "n_subsets")
 
 
 def parse_deltas(values: list[str], subsets: list[str]) -> dict[str, float]:
@@ -77,10 +80,12 @@ def fit_diagnostics(leave_out: LeaveOut) -> dict[str, float]:
             "theta_distance": distance ** 0.5, "objective": float(loss.detach())}
 
 
-def removal_points(fitted: Experiment, chosen: list[list[str]]) -> dict[str, list[float]]:
-    """Actual change and the two summed predictions for each removed subset (retrains each).
-    SIGINT or SIGTERM stops early and keeps the subsets done so far (the row records how many)."""
-    points: dict[str, list[float]] = {"actual": [], "ecif": [], "pos": [], "refit_seconds": []}
+def removal_points(fitted: Experiment, auto: dict[str, tuple[float, float]], chosen: list[list[str]]
+                   ) -> dict[str, list[float]]:
+    """Actual change and the summed predictions for each removed subset (retrains each); ``auto``:
+    the scores under the ``auto`` damping. SIGINT or SIGTERM stops early and keeps the subsets done
+    so far (the row records how many)."""
+    points: dict[str, list[float]] = {"actual": [], "ecif": [], "pos": [], "auto": [], "refit_seconds": []}
     try:
         for i, keys in enumerate(chosen):
             if i % 5 == 0:
@@ -91,6 +96,7 @@ def removal_points(fitted: Experiment, chosen: list[list[str]]) -> dict[str, lis
             points["actual"].append(actual)
             points["ecif"].append(sum(sum(fitted.scores[k]) for k in keys))
             points["pos"].append(sum(fitted.scores[k][0] for k in keys))
+            points["auto"].append(sum(sum(auto[k]) for k in keys))
     except KeyboardInterrupt:
         print(f"[lds]   interrupted: keeping {len(points['actual'])} of {len(chosen)} retrainings", flush=True)
     return points
@@ -99,10 +105,11 @@ def removal_points(fitted: Experiment, chosen: list[list[str]]) -> dict[str, lis
 def lds_metrics(points: dict[str, list[float]]) -> dict[str, float]:
     actual = np.array(points["actual"])
     ecif, pos = agreement(actual, np.array(points["ecif"])), agreement(actual, np.array(points["pos"]))
-    return {"lds_ecif": ecif["spearman"], "lds_pos": pos["spearman"], "slope_ecif": ecif["slope"],
-            "slope_pos": pos["slope"], "mean_abs_actual": ecif["mean_abs_actual"],
-            "mean_abs_ecif": ecif["mean_abs_predicted"], "mean_abs_pos": pos["mean_abs_predicted"],
-            "refit_seconds_mean": float(np.mean(points["refit_seconds"]))}
+    auto = agreement(actual, np.array(points["auto"])) if points.get("auto") else {"spearman": None, "slope": None}
+    return {"lds_ecif": ecif["spearman"], "lds_pos": pos["spearman"], "lds_auto": auto["spearman"],
+            "slope_ecif": ecif["slope"], "slope_pos": pos["slope"], "slope_auto": auto["slope"],
+            "mean_abs_actual": ecif["mean_abs_actual"], "mean_abs_ecif": ecif["mean_abs_predicted"],
+            "mean_abs_pos": pos["mean_abs_predicted"], "refit_seconds_mean": float(np.mean(points["refit_seconds"]))}
 
 
 def run_setting(args, recipe: common.Recipe, seed: int, subset: str, delta: float) -> tuple[dict, dict]:
@@ -113,12 +120,14 @@ def run_setting(args, recipe: common.Recipe, seed: int, subset: str, delta: floa
     with common.timed(times, "fit_seconds"):
         fitted = fitted_experiment(str(ckpt), str(corpus_dir), subset, delta, recipe.segment_size)
     chosen = random_subsets(list(fitted.scores), args.subsets_count, args.fraction, seed)
+    auto, _, auto_delta = score_experiment(fitted.leave_out, "auto")
     with common.timed(times, "retrain_seconds"):
-        points = removal_points(fitted, chosen)
+        points = removal_points(fitted, auto, chosen)
     task = fitted.leave_out.task
     row = {"dataset": recipe.dataset, "arch": recipe.arch, "subset": subset, "seed": seed,
            "train_size": args.train_size, "noise": args.noise, "n_train": task.n_train, "dim": task.dim,
-           "delta": delta, "n_subsets": len(points["actual"]), "removed_per_subset": len(chosen[0]),
+           "delta": delta, "auto_delta": auto_delta, "n_subsets": len(points["actual"]),
+           "removed_per_subset": len(chosen[0]),
            "cg_iterations": fitted.cg_iterations, **fit_diagnostics(fitted.leave_out), **lds_metrics(points),
            **times}
     return row, {"dataset": recipe.dataset, "subset": subset, "seed": seed, "train_size": args.train_size, **points}
@@ -135,11 +144,12 @@ def included_points(earlier: list[dict], points: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     summary = common.aggregate(rows, ("dataset", "subset", "train_size", "delta"), METRICS)
     lines = [[s["subset"], s["n"], s["train_size"], f"{s['delta']:g}", f"{s['n_subsets_mean']:g}",
-              common.pm(s, "lds_ecif"), common.pm(s, "lds_pos"), common.pm(s, "slope_ecif", 2),
-              common.pm(s, "slope_pos", 2), common.pm(s, "fit_seconds", 0), common.pm(s, "refit_seconds_mean", 1)]
+              common.pm(s, "lds_ecif"), common.pm(s, "lds_pos"), common.pm(s, "lds_auto"),
+              common.pm(s, "slope_ecif", 2), common.pm(s, "slope_pos", 2), common.pm(s, "slope_auto", 2),
+              common.pm(s, "fit_seconds", 0), common.pm(s, "refit_seconds_mean", 1)]
              for s in summary]
-    header = ["subset", "seeds", "N", "δ", "subsets/seed", "LDS Pos+Neg", "LDS Pos-only", "slope Pos+Neg",
-              "slope Pos-only", "fit+score s", "s/retrain"]
+    header = ["subset", "seeds", "N", "δ", "subsets/seed", "LDS Pos+Neg", "LDS Pos-only", "LDS Pos+Neg auto δ",
+              "slope Pos+Neg", "slope Pos-only", "slope auto", "fit+score s", "s/retrain"]
     return common.markdown_table(header, lines)
 
 

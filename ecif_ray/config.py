@@ -19,22 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings
 from ecif_ray.influence.sample import DEFAULT_MEMORY_MB
+from ecif_ray.influence.settings import DEFAULT_SOLVER, SolverSettings
 
 QueryName = Literal["val", "task"]
 DType = Literal["float32", "float64"]
 
 
 class SolverConfig(BaseModel):
-    """CG settings of the iHVP solve; defaults are the engine's (``influence.curvature.DEFAULT_SOLVER``)."""
+    """CG settings of the iHVP solve; defaults are the engine's (``influence.settings.DEFAULT_SOLVER``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -59,8 +60,28 @@ class TraceConfig(BaseModel):
     rank: int = Field(128, ge=1, description="rank of G's eigenbasis used for ‖Δθ₋ₙ‖")
 
 
+@dataclass(frozen=True)
+class ResolvedPaths:
+    """The config's paths as every process of the run must read them, resolved once when the config
+    is validated: local relative paths made absolute (workers may run elsewhere), URLs as given."""
+
+    ckpt: str
+    train: str | list[str]
+    val: str | list[str] | None
+    test: str | list[str] | None
+    classes: str | None
+    exclude: str | None
+    out: str
+
+
+PATH_FIELDS = tuple(f.name for f in fields(ResolvedPaths))
+
+
 class ScoreConfig(BaseModel):
-    """Arguments of ``ecif-ray score`` and ``jobs/score.py``."""
+    """Arguments of ``ecif-ray score`` and ``jobs/score.py``.
+
+    The fields keep the paths as given (they are what the manifest records and the fingerprint
+    hashes); :attr:`paths` holds them resolved."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +101,8 @@ class ScoreConfig(BaseModel):
     # -- what the scores mean ----------------------------------------------------------------
     queries: list[QueryName] = Field(default_factory=lambda: ["val"],
                                      description="query losses; the first is primary (pairs table)")
-    negative_term: Literal["exact", "taylor"] = "exact"
+    negative_term: Literal["exact", "taylor"] = Field(
+        "exact", description="a pair's negative role: exact, or taylor (its first-order expansion; docs/method.md §2)")
     segment_size: int | None = Field(None, ge=2, description="pairs per segment (default: the checkpoint's)")
     n_train: int | None = Field(None, ge=1, description="N of R(θ) (default: the checkpoint's training pairs)")
     damping: Literal["exact", "auto"] | float = Field(
@@ -107,7 +129,9 @@ class ScoreConfig(BaseModel):
     max_worker_failures: int | None = Field(None, ge=0,
                                             description="actor deaths tolerated (default 2 × workers + 2)")
     top_k: int = Field(10, ge=0, description="flagged pairs shown in the summary (and kept per shard)")
-    progress: bool = True
+    progress: bool = Field(True, description="progress bars")
+
+    _paths: ResolvedPaths = PrivateAttr()
 
     @field_validator("train", "val", "test")
     @classmethod
@@ -144,6 +168,17 @@ class ScoreConfig(BaseModel):
         if self.trace is not None and self.test is None:
             raise ValueError("trace needs test: labelled test shards whose mistakes are traced back")
         return self
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> ScoreConfig:
+        self._paths = ResolvedPaths(**{name: absolute_local(getattr(self, name))
+                                       for name in PATH_FIELDS})
+        return self
+
+    @property
+    def paths(self) -> ResolvedPaths:
+        """The paths resolved at validation (``absolute_local``)."""
+        return self._paths
 
     # -- loading -----------------------------------------------------------------------------
 

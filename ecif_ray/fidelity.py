@@ -8,6 +8,7 @@ then reports the actual change of the validation loss L'(θ̂) − L'(θ̂_{−D
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,7 +17,14 @@ from scipy.stats import spearmanr
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import PairBatch, load_segments
-from ecif_ray.influence.curvature import SolverSettings, local_matvec, solve_directions
+from ecif_ray.influence.curvature import (
+    Damping,
+    SolverSettings,
+    local_matvec,
+    mean_eigenvalue,
+    resolve_damping,
+    solve_directions,
+)
 from ecif_ray.influence.queries import ValidationQuery
 from ecif_ray.influence.scoring import score_segment
 from ecif_ray.influence.task import InfluenceTask
@@ -87,17 +95,29 @@ def fitted_experiment(ckpt: str, corpus: str, kind: str, delta: float, segment_s
     fit(checkpoint.bundle, subset.trainable(checkpoint.model), anchor, batches, settings)
     task = InfluenceTask(bundle=checkpoint.bundle, subset=subset, logit_scale=checkpoint.meta.logit_scale,
                          delta=delta, n_train=sum(len(b) for b in batches))
-    query = ValidationQuery(val)
-    directions = solve_directions(task, query.gradients(task), local_matvec(task, batches),
+    leave_out = LeaveOut(task, anchor, batches, ValidationQuery(val), settings)
+    scores, iterations, _ = score_experiment(leave_out)
+    return Experiment(leave_out, scores, load, iterations)
+
+
+def score_experiment(leave_out: LeaveOut, damping: Damping = "exact"
+                     ) -> tuple[dict[str, tuple[float, float]], int, float]:
+    """(pos_is, neg_is) of every training pair against the validation query, with the analysis δ
+    that ``damping`` picks (``exact``: the δ θ̂ was fitted with); also the CG iterations and that δ."""
+    matvec = local_matvec(leave_out.task, leave_out.batches)
+    delta = resolve_damping(damping, leave_out.task.delta, lambda: mean_eigenvalue(
+        matvec, leave_out.task.dim, dtype=leave_out.task.dtype, device=leave_out.task.device))
+    task = dataclasses.replace(leave_out.task, delta=delta)
+    directions = solve_directions(task, leave_out.query.gradients(task), matvec,
                                   SolverSettings(tol=1e-10, max_iter=1000))
     if not directions.converged:
         raise RuntimeError(f"CG did not converge (residual {directions.relative_residual.tolist()})")
     scores = {}
-    for batch in batches:
+    for batch in leave_out.batches:
         s = score_segment(task, batch, directions.vectors)
         for i, key in enumerate(s.keys):
             scores[key] = (float(s.pos_is[0, i]), float(s.neg_is[0, i]))
-    return Experiment(LeaveOut(task, anchor, batches, query, settings), scores, load, directions.iterations)
+    return scores, directions.iterations, delta
 
 
 def agreement(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ecif_ray.data.exclusions import read_exclusions
 from ecif_ray.data.segments import PairBatch, load_segments
-from ecif_ray.influence.contrastive import segment_loss
+from ecif_ray.influence import contrastive
 from ecif_ray.models.checkpoint import (
     CheckpointMeta,
     checkpoint_fingerprint,
@@ -105,7 +105,8 @@ def penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) ->
 def total_segment_loss(bundle: ClipBundle, batches: list[PairBatch], scale: float,
                        params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Σ_m L_seg,m over the given segments."""
-    return sum(segment_loss(similarity_matrix(bundle.model, b.images, b.tokens, scale, params)) for b in batches)
+    similarities = (similarity_matrix(bundle.model, b.images, b.tokens, scale, params) for b in batches)
+    return contrastive.total_segment_loss(similarities)
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ecif_ray.data.segments import load_segments
-from ecif_ray.evaluation import find_classes
 from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import SolverSettings, local_matvec, solve_directions
 from ecif_ray.influence.queries import ValidationQuery, ZeroShotQuery
@@ -16,6 +15,7 @@ from ecif_ray.influence.solvers import dense_solve
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.models.subsets import ParamSubset
+from ecif_ray.models.zeroshot import find_classes
 
 
 def _task(ckpt_path, kind: str, negative_term: str = "exact", n_train: int = 128) -> InfluenceTask:

@@ -15,14 +15,12 @@ import torch
 
 from ecif_ray.cli import main
 from ecif_ray.config import ScoreConfig
-from ecif_ray.data.segments import load_segments
-from ecif_ray.evaluation import find_classes
-from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings, local_matvec, solve_directions
-from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
-from ecif_ray.influence.scoring import score_segment
-from ecif_ray.influence.task import InfluenceTask
-from ecif_ray.influence.traceback import TopK, curvature_basis, mispredicted, trace_segment
-from ecif_ray.models.checkpoint import checkpoint_fingerprint, load_checkpoint
+from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings
+from ecif_ray.influence.engine import ECIF
+from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery
+from ecif_ray.influence.traceback import mispredicted
+from ecif_ray.models.checkpoint import checkpoint_fingerprint
+from ecif_ray.models.zeroshot import find_classes
 from ecif_ray.pipeline import EXIT_OK, RunMismatch, run_score
 from ecif_ray.tables import RunStore, connect, read_manifest
 
@@ -64,58 +62,38 @@ def test_scores_are_identical_for_one_and_two_workers(scored_run, one_worker_run
 
 
 def test_scores_equal_the_single_process_engine(scored_run, heads_ckpt, digits_corpus):
-    """The same inputs through the in-process engine: same curvature sample (read from the run's
-    lineage), same queries (val, task, and the mispredicted test examples), same solver."""
-    ckpt = load_checkpoint(heads_ckpt)
-    ckpt.model.double()
-    task = InfluenceTask.from_checkpoint(ckpt, n_train=ckpt.meta.training["n_pairs"])
-    bundle = ckpt.bundle
-
-    def segments(split: str, size: int):
-        return load_segments(str(digits_corpus / split), segment_size=size, preprocess=bundle.preprocess,
-                             tokenizer=bundle.tokenizer)[0]
-
-    train, test = segments("train", 16), segments("test", 256)
+    """The notebook engine on the same inputs: ``ECIF.from_checkpoint`` draws the same curvature
+    sample with the same planner, and its directions, scores and trace-back equal the run's."""
+    engine = ECIF.from_checkpoint(str(heads_ckpt), str(digits_corpus / "train"), curvature_segments=4,
+                                  solver=SolverSettings(preconditioner="nystrom", nystrom_rank=128))
     meta = json.loads((Path(scored_run.out) / "directions/directions.json").read_text())
-    by_id = {(b.shard, b.segment): b for b in train}
-    sample = [by_id[g["shard"], s] for g in meta["curvature"]["sample"] for s in g["segments"]]
-    assert len(sample) == 4
+    assert [{"shard": g[0].shard, "segments": [b.segment for b in g]} for g in engine.curvature] == [
+        {"shard": g["shard"], "segments": g["segments"]} for g in meta["curvature"]["sample"]]
+    assert engine.curvature_pairs == 64
+    test = engine.load(str(digits_corpus / "test"), segment_size=256)
     classes = find_classes(str(digits_corpus / "test"))
-    wrong = ExampleQuery(mispredicted(task, test, classes, limit=4), classes)
-    queries = stack_queries([ValidationQuery(segments("val", 16)).gradients(task),
-                             ZeroShotQuery(test, classes, name="task").gradients(task), wrong.gradients(task)])
-    assert queries.names[2:] == meta["traced"] and len(meta["traced"]) == 4
-    matvec = local_matvec(task, sample)
-    directions = solve_directions(task, queries, matvec, SolverSettings(preconditioner="nystrom", nystrom_rank=128))
-    assert directions.converged
-    basis = curvature_basis(task, matvec, rank=64)
-
-    expected = {name: [] for name in SCORE_COLUMNS}
-    task_is = []
-    top = TopK(queries.names[2:], k=3)
-    for batch in train:
-        s = score_segment(task, batch, directions.vectors[:2])
-        for name, values in (("clip_score", s.clip_score), ("loss", s.loss), ("pos_is", s.pos_is[0]),
-                             ("neg_is", s.neg_is[0]), ("ecif_is", s.ecif_is[0])):
-            expected[name].append(values)
-        task_is.append(s.ecif_is[1])
-        top.add(batch, trace_segment(task, batch, directions.vectors[2:], basis))
+    wrong = ExampleQuery(mispredicted(engine.task, test, classes, limit=4), classes)
+    directions = engine.solve(ValidationQuery(engine.load(str(digits_corpus / "val"))),
+                              ZeroShotQuery(test, classes, name="task"), wrong)
+    assert directions.converged and directions.names[2:] == meta["traced"] and len(meta["traced"]) == 4
+    want = engine.score(engine.train_batches, directions).to_pandas()
     pairs = pq.read_table(Path(scored_run.out) / "pairs").to_pandas()  # file order = shard, segment order
     scores = pq.read_table(Path(scored_run.out) / "scores").to_pandas()
-    assert pairs["key"].tolist() == [k for b in train for k in b.keys]
+    val, task = (want[want["query"] == name] for name in directions.names[:2])
+    assert pairs["key"].tolist() == val["key"].tolist() == task["key"].tolist()
     for name in SCORE_COLUMNS:
-        close(pairs[name].to_numpy(), torch.cat(expected[name]))
-    close(scores["ecif_is"].to_numpy(), torch.cat(task_is))
+        close(pairs[name].to_numpy(), torch.tensor(val[name].to_numpy()))
+    close(scores["ecif_is"].to_numpy(), torch.tensor(task["ecif_is"].to_numpy()))
 
     trace = table(scored_run.out, "trace").to_pylist()
-    want = sorted(top.rows(), key=lambda r: (r["query_id"], r["rank"]))
+    expected = engine.trace(test, classes, top_k=3, max_examples=4, rank=64).to_pylist()
 
     def ids(rows: list[dict]) -> list[tuple]:
         return [(r["query_id"], r["rank"], r["shard"], r["key"]) for r in rows]
 
-    assert ids(trace) == ids(want) and len(trace) == 4 * 3
+    assert ids(trace) == ids(expected) and len(trace) == 4 * 3
     for column in ("relative_is", "ecif_is"):
-        close([r[column] for r in trace], torch.tensor([r[column] for r in want]))
+        close([r[column] for r in trace], torch.tensor([r[column] for r in expected]))
 
 
 def close(got, want: torch.Tensor) -> None:

@@ -10,7 +10,6 @@ import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import load_segments
-from ecif_ray.evaluation import find_classes
 from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import local_matvec
 from ecif_ray.influence.edit import edit
@@ -21,6 +20,7 @@ from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import curvature_basis, per_pair_gradients, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.models.subsets import ParamSubset
+from ecif_ray.models.zeroshot import find_classes
 from ecif_ray.training import TrainConfig, train
 
 

@@ -10,13 +10,11 @@ import pytest
 import torch
 
 from ecif_ray.data.segments import load_segments
-from ecif_ray.evaluation import find_classes, prompt_classifier, prompt_tokens
 from ecif_ray.influence.autodiff import ggn_product, segment_jvp
 from ecif_ray.influence.contrastive import segment_loss
 from ecif_ray.influence.curvature import (
     SolverSettings,
     build_preconditioner,
-    curvature_stacks,
     ggn_sum,
     local_matvec,
     mean_eigenvalue,
@@ -30,6 +28,7 @@ from ecif_ray.influence.trunk import TowerCut
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.models.factory import encode, similarity_matrix
 from ecif_ray.models.subsets import ParamSubset
+from ecif_ray.models.zeroshot import find_classes, prompt_classifier, prompt_tokens
 
 SUBSETS = {"heads": {"kind": "heads"}, "lora": {"kind": "lora"}, "last-k": {"kind": "last-k"},
            "last-2": {"kind": "last-k", "last_k": 2}, "all": {"kind": "all"}}
@@ -99,13 +98,16 @@ def test_stacked_products_equal_per_segment_products(micro_pretrained, segments,
     task = _task(micro_pretrained, SUBSETS[subset])
     batches = segments["train"]
     V = torch.randn(task.dim, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    stacks = task.stack(batches, max_pairs=48)  # 8 segments of 16 → stacks of 3, 3, 2
-    assert [s.segments for s in stacks] == [3, 3, 2]
+    stacks = task.stack(batches)
+    assert [s.segments for s in stacks] == [8]
+    assert [p.segments for p in task.slices(stacks[0], rows=48)] == [3, 3, 2]
+    assert all(b.features is not None and b.features.source == task.trunk_source for b in batches)
     expected = torch.zeros_like(V)
     vectors = task.unflatten(V.T.contiguous())
     for b in batches:
         expected += task.flatten(ggn_product(_uncached(task, b), task.params, vectors), leading=1).T
     assert _rel(ggn_sum(task, stacks, V, chunk=2), expected) <= 1e-9
+    assert _rel(ggn_sum(task, task.slices(stacks[0], rows=48), V, chunk=5), expected) <= 1e-9
     assert _rel(local_matvec(task, batches, chunk=4)(V), expected / sum(len(b) for b in batches)) <= 1e-9
 
 
@@ -177,9 +179,9 @@ def test_damping_rules():
         resolve_damping(-1.0, 1e-3, lambda: 1.0)
 
 
-def test_curvature_stacks_bound_the_tail_call(micro_pretrained, segments):
-    task = _task(micro_pretrained, SUBSETS["lora"])
-    stacks = curvature_stacks(task, segments["train"], chunk=32)
-    assert sum(s.pairs for s in stacks) == sum(len(b) for b in segments["train"])
-    per_pair = stacks[0].features.nbytes // 8 // stacks[0].pairs
-    assert all(s.pairs * per_pair * 32 <= 2**26 or s.segments == 1 for s in stacks)
+def test_attached_features_are_reused_only_by_their_own_trunk(micro_pretrained, segments):
+    heads, lora = _task(micro_pretrained, SUBSETS["heads"]), _task(micro_pretrained, SUBSETS["lora"])
+    batch = heads.featurize(segments["train"][0])
+    assert heads.features(batch) is not None and batch.features.source == heads.trunk_source
+    assert lora.features(batch).source == lora.trunk_source  # recomputed: another trunk (a block cut)
+    assert _rel(lora.similarity_fn(batch)(lora.params), _uncached(lora, batch)(lora.params)) <= 1e-12

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -28,11 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _field_error(e: ValidationError) -> str:
+def _field_error(e: ValidationError, flags: Mapping[tuple[str, ...], str]) -> str:
+    """The first error, named by its flag: the generated flag of the field (``cli.config_flags``),
+    else the field's path without params/solver (flat flags: --lora-rank, --tol)."""
     err = e.errors()[0]
-    # Fields nested in params/solver are flat flags (--lora-rank, --tol); trace.* are --trace-*.
-    parts = [str(p) for p in err["loc"] if p not in ("params", "solver")]
-    field = "-".join(parts).replace("_", "-")
+    loc = tuple(str(p) for p in err["loc"])
+    if loc in flags:
+        return f"{flags[loc]}: {err['msg']}"
+    field = "-".join(p for p in loc if p not in ("params", "solver")).replace("_", "-")
     return f"--{field}: {err['msg']}" if field else err["msg"]
 
 
@@ -43,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_runtime(args)
         return args.func(args)
     except ValidationError as e:
-        print(f"ecif-ray {args.command}: error: {_field_error(e)}", file=sys.stderr)
+        print(f"ecif-ray {args.command}: error: {_field_error(e, getattr(args, 'field_flags', {}))}", file=sys.stderr)
         return EXIT_BAD_ARGS
     except (ValueError, FileNotFoundError) as e:
         print(f"ecif-ray {args.command}: error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ class TrunkFeatures:
     image: torch.Tensor
     text: torch.Tensor
     tokens: torch.Tensor | None = None
+    source: str = ""  # which trunk computed them: features are reused only by the same trunk
 
     def __post_init__(self) -> None:
         # An empty tensor stands for a tower that was not asked for (e.g. class prompts: text only).
@@ -37,10 +38,19 @@ class TrunkFeatures:
         return max(self.image.shape[0], self.text.shape[0])
 
     def _map(self, fn) -> TrunkFeatures:
-        return TrunkFeatures(fn(self.image), fn(self.text), None if self.tokens is None else fn(self.tokens))
+        return TrunkFeatures(fn(self.image), fn(self.text), None if self.tokens is None else fn(self.tokens),
+                             self.source)
+
+    @property
+    def numel_per_pair(self) -> int:
+        return sum(t[0].numel() for t in (self.image, self.text, self.tokens) if t is not None and t.numel())
 
     def index_select(self, index: torch.Tensor) -> TrunkFeatures:
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def rows(self, start: int, stop: int) -> TrunkFeatures:
+        """Rows ``start:stop`` (views, no copy)."""
+        return self._map(lambda t: t[start:stop] if t.numel() else t)
 
     def to(self, device: torch.device | str) -> TrunkFeatures:
         return self._map(lambda t: t.to(device))
@@ -55,4 +65,8 @@ class TrunkFeatures:
         if not parts:
             raise ValueError("nothing to concatenate")
         tokens = None if parts[0].tokens is None else torch.cat([p.tokens for p in parts])  # type: ignore[misc]
-        return TrunkFeatures(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]), tokens)
+        sources = {p.source for p in parts}
+        if len(sources) != 1:
+            raise ValueError(f"cannot stack features of different trunks: {sorted(sources)}")
+        return TrunkFeatures(torch.cat([p.image for p in parts]), torch.cat([p.text for p in parts]), tokens,
+                             parts[0].source)

@@ -15,6 +15,7 @@ cancellation. Columns are handled as rows of ``Sᵀ``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -27,9 +28,11 @@ __all__ = [
     "NegativeTerm",
     "PairTerms",
     "logit_hessian_product",
+    "mean_segment_loss",
     "pair_directional_derivatives",
     "pair_terms",
     "segment_loss",
+    "total_segment_loss",
     "zeta_perturbed_segment_loss",
     "zeta_perturbed_similarity",
 ]
@@ -138,6 +141,19 @@ def segment_loss(S: Tensor) -> Tensor:
     row = _diag(torch.log_softmax(S, dim=-1)).sum(dim=-1)
     col = _diag(torch.log_softmax(S, dim=-2)).sum(dim=-1)
     return -(row + col)
+
+
+def total_segment_loss(similarities: Iterable[Tensor]) -> Tensor:
+    """``Σ_m L_seg,m`` over segments given by their similarity matrices (the numerator of R(θ) and
+    of the validation loss)."""
+    return sum(segment_loss(S) for S in similarities)
+
+
+def mean_segment_loss(similarities: Iterable[Tensor]) -> Tensor:
+    """``L' = (1/N') Σ_m L_seg,m``: the validation loss with fixed segments, N' the pairs of all
+    segments (docs/method.md §3)."""
+    matrices = list(similarities)
+    return total_segment_loss(matrices) / sum(S.shape[-1] for S in matrices)
 
 
 def zeta_perturbed_similarity(S: Tensor, log_zeta: Tensor) -> Tensor:

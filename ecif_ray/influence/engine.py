@@ -22,7 +22,6 @@ import torch
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.segments import PairBatch, load_segments
 from ecif_ray.data.shards import Shard, list_shards
-from ecif_ray.evaluation import ClassSet
 from ecif_ray.influence.contrastive import NegativeTerm
 from ecif_ray.influence.curvature import (
     DEFAULT_SOLVER,
@@ -38,22 +37,17 @@ from ecif_ray.influence.curvature import (
 )
 from ecif_ray.influence.edit import Edit, edit
 from ecif_ray.influence.queries import ExampleQuery, QueryGradients, stack_queries
+from ecif_ray.influence.rows import scores_to_arrow
 from ecif_ray.influence.sample import DEFAULT_MEMORY_MB, max_segments, plan_in_memory
-from ecif_ray.influence.scoring import SegmentScores, score_segment
+from ecif_ray.influence.scoring import score_segment
 from ecif_ray.influence.solvers import Matvec, NystromPreconditioner
 from ecif_ray.influence.task import InfluenceTask, SegmentStack
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, curvature_basis, mispredicted, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
-from ecif_ray.tables.rows import pair_rows
+from ecif_ray.models.zeroshot import ClassSet
 from ecif_ray.tables.schema import TRACE, conform
 
 DEFAULT_CURVATURE_SHARDS = 8  # shards per planner round (ScoreConfig.curvature_shards)
-
-
-def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.Table:
-    """The ``pairs`` schema in long format: one row per (pair, query). Positive ecif_is =
-    removing the pair lowers that query's loss = harmful."""
-    return pa.concat_tables([conform("pairs", pair_rows(scores, query_names, q)) for q in range(len(query_names))])
 
 
 def feature_bytes_per_pair(task: InfluenceTask, batch: PairBatch) -> int:
@@ -70,7 +64,7 @@ class ECIF:
     train_batches: list[PairBatch] = field(default_factory=list)
     segment_size: int = 32
     training_delta: float | None = None  # δ of R(θ) (default: the task's δ at construction)
-    _stacks: list[list[SegmentStack]] | None = field(default=None, init=False, repr=False)
+    _stacks: list[SegmentStack] | None = field(default=None, init=False, repr=False)
     _preconditioner: NystromPreconditioner | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,22 +122,20 @@ class ECIF:
     def curvature_pairs(self) -> int:
         return sum(len(b) for group in self.curvature for b in group)
 
-    def stacks(self) -> list[list[SegmentStack]]:
-        """The sample's trunk features, computed on first use and kept (θ̂ moves only in apply_edit)."""
+    def stacks(self) -> list[SegmentStack]:
+        """The sample's trunk features, computed on first use and kept (they do not depend on θ).
+        The batches keep views of them, so scoring the same batches reuses them."""
         if self._stacks is None:
-            self._stacks = [curvature_stacks(self.task, group, self.solver.chunk) for group in self.curvature]
+            self._stacks = curvature_stacks(self.task, [b for group in self.curvature for b in group])
         return self._stacks
 
     def matvec(self) -> Matvec:
-        """G·V on the curvature sample at the current θ̂: per-group sums added in group order, as the
-        pipeline's driver adds its workers' partial products."""
+        """G·V on the curvature sample at the current θ̂ (all groups in one pass: the pipeline sums
+        per-group partials instead, which agrees to rounding)."""
         stacks, pairs = self.stacks(), self.curvature_pairs
 
         def matvec(V: torch.Tensor) -> torch.Tensor:
-            total = torch.zeros_like(V)
-            for group in stacks:
-                total += ggn_sum(self.task, group, V, self.solver.chunk)
-            return total / pairs
+            return ggn_sum(self.task, stacks, V, self.solver.chunk) / pairs
 
         return matvec
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from ecif_ray.data.features import TrunkFeatures
 from ecif_ray.data.segments import PairBatch
-from ecif_ray.evaluation import ClassSet, labels_of, prompt_classifier, prompt_tokens
 from ecif_ray.influence.autodiff import Params
-from ecif_ray.influence.contrastive import segment_loss
+from ecif_ray.influence.contrastive import mean_segment_loss
 from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.models.zeroshot import ClassSet, labels_of, prompt_classifier, prompt_tokens
 
 
 @dataclass
@@ -49,8 +49,7 @@ class ValidationQuery:
     name: str = "val"
 
     def loss(self, task: InfluenceTask, params: Params) -> torch.Tensor:
-        n = sum(len(b) for b in self.batches)
-        return sum(segment_loss(task.similarity_fn(b)(params)) for b in self.batches) / n
+        return mean_segment_loss(task.similarity_fn(b)(params) for b in self.batches)
 
     def gradients(self, task: InfluenceTask) -> QueryGradients:
         g, loss = _gradient(task, lambda p: self.loss(task, p))

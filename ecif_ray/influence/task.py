@@ -93,33 +93,49 @@ class InfluenceTask:
 
     # -- trunk (once per pair, no gradients) and tail (a function of θ) ---------------------------
 
+    @property
+    def trunk_source(self) -> str:
+        """Identifies this task's trunk (model object, cut, dtype): attached features from another
+        trunk are never reused."""
+        return f"{id(self.bundle.model):x}:{self.split.describe()}:{self.dtype}"
+
     def trunk(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> TrunkFeatures:
         """The trunk's outputs for raw inputs (either may be None)."""
         return run_trunk(self.bundle.model, self.split,
                          None if images is None else images.to(self.device, self.dtype),
-                         None if tokens is None else tokens.to(self.device))
+                         None if tokens is None else tokens.to(self.device), self.trunk_source)
 
     def features(self, batch: PairBatch) -> TrunkFeatures:
-        """The batch's trunk features: the attached ones, else computed now."""
-        if batch.features is not None:
+        """The batch's trunk features: the attached ones when this trunk computed them, else computed now."""
+        if batch.features is not None and batch.features.source == self.trunk_source:
             return batch.features.to(self.device)
         return self.trunk(batch.images, batch.tokens)
 
     def featurize(self, batch: PairBatch) -> PairBatch:
-        """The batch with its trunk features attached (computed once, reused by every later call)."""
-        return batch if batch.features is not None else dataclasses.replace(batch, features=self.features(batch))
+        """The batch with this trunk's features attached (computed once, reused by every later call)."""
+        return dataclasses.replace(batch, features=self.features(batch))
 
-    def stack(self, batches: Sequence[PairBatch], max_pairs: int) -> list[SegmentStack]:
-        """Equal-size segments' features stacked, at most ``max_pairs`` pairs (≥ one segment) a stack."""
-        stacks: list[SegmentStack] = []
-        by_size: dict[int, list[TrunkFeatures]] = {}
+    def stack(self, batches: Sequence[PairBatch]) -> list[SegmentStack]:
+        """The segments' trunk features stacked, one stack per segment size (in first-seen order).
+
+        Each batch keeps a view of its rows as ``batch.features``, so the features are computed once
+        and held once, and later calls (scoring the same batches) reuse them."""
+        by_size: dict[int, list[PairBatch]] = {}
         for batch in batches:
-            by_size.setdefault(len(batch), []).append(self.features(batch))
-        for size, parts in by_size.items():
-            per_stack = max(1, max_pairs // size)
-            for start in range(0, len(parts), per_stack):
-                stacks.append(SegmentStack(TrunkFeatures.cat(parts[start:start + per_stack]), size))
+            by_size.setdefault(len(batch), []).append(batch)
+        stacks = []
+        for size, members in by_size.items():
+            features = TrunkFeatures.cat([self.features(b) for b in members])
+            for i, batch in enumerate(members):
+                batch.features = features.rows(i * size, (i + 1) * size)
+            stacks.append(SegmentStack(features, size))
         return stacks
+
+    def slices(self, stack: SegmentStack, rows: int) -> list[SegmentStack]:
+        """The stack in consecutive parts of at most ``rows`` pairs (at least one segment each)."""
+        step = max(1, rows // stack.segment_size) * stack.segment_size
+        return [SegmentStack(stack.features.rows(start, start + step), stack.segment_size)
+                for start in range(0, stack.pairs, step)]
 
     def embeddings(self, features: TrunkFeatures, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised (image, text) embeddings of θ from trunk features (a skipped tower gives an

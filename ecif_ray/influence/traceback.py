@@ -23,13 +23,13 @@ import torch
 from torch.func import jacrev
 
 from ecif_ray.data.segments import PairBatch
-from ecif_ray.evaluation import ClassSet, labels_of
 from ecif_ray.influence.autodiff import segment_vjp
 from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import SolveTarget
 from ecif_ray.influence.queries import zero_shot_logits
 from ecif_ray.influence.solvers import Matvec, nystrom_preconditioner
 from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.models.zeroshot import ClassSet, labels_of
 
 
 @dataclass
@@ -114,13 +114,6 @@ class TopK:
                     heapq.heappush(heap, hit)
                 else:
                     heapq.heappushpop(heap, hit)
-
-    def merge(self, other: TopK) -> None:
-        for heap, extra in zip(self.heaps, other.heaps, strict=True):
-            for hit in extra:
-                heapq.heappush(heap, hit)
-                if len(heap) > self.k:
-                    heapq.heappop(heap)
 
     def rows(self) -> list[dict]:
         out = []

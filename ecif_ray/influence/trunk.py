@@ -157,14 +157,15 @@ def _text_tail(model: nn.Module, cut: TowerCut, x: torch.Tensor, tokens: torch.T
 
 
 @torch.no_grad()
-def run_trunk(model: nn.Module, split: TrunkSplit, images: torch.Tensor | None, tokens: torch.Tensor | None
-              ) -> TrunkFeatures:
-    """The trunk's outputs for a batch (either tower may be skipped: pass None, get an empty tensor)."""
+def run_trunk(model: nn.Module, split: TrunkSplit, images: torch.Tensor | None, tokens: torch.Tensor | None,
+              source: str = "") -> TrunkFeatures:
+    """The trunk's outputs for a batch (either tower may be skipped: pass None, get an empty tensor);
+    ``source`` names the trunk (reuse of attached features checks it)."""
     empty = torch.empty(0)
     image = empty if images is None else _image_trunk(model.visual, split.image, images)
     text = empty if tokens is None else _text_trunk(model, split.text, tokens)
     keep_tokens = tokens is not None and split.text.kind == "block"
-    return TrunkFeatures(image, text, tokens if keep_tokens else None)
+    return TrunkFeatures(image, text, tokens if keep_tokens else None, source)
 
 
 class Tail(nn.Module):

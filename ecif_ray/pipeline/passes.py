@@ -8,18 +8,20 @@ from typing import Any
 import ray
 import torch
 
-from ecif_ray.config import absolute_local
+from ecif_ray import __version__
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import Directions
 from ecif_ray.influence.sample import CurvaturePlanner, max_segments
 from ecif_ray.influence.traceback import CurvatureBasis
-from ecif_ray.pipeline import curvature
+from ecif_ray.pipeline import solve
 from ecif_ray.pipeline.events import DirectionsReady, Listener, WorkersReady
-from ecif_ray.pipeline.pool import WorkerPool, plan_pool
-from ecif_ray.pipeline.run import PassResult, Prepared, checkpoint_files, lineage, ray_session
+from ecif_ray.pipeline.pool import WorkerPool, plan_pool, ray_session
+from ecif_ray.pipeline.prepare import Prepared, checkpoint_files
+from ecif_ray.pipeline.results import PassResult
 from ecif_ray.pipeline.scheduler import ShardScheduler
 from ecif_ray.pipeline.shard import ShardJob
 from ecif_ray.pipeline.worker import QuerySpec, WorkerSettings
+from ecif_ray.tables.directions import DirectionsMeta, load_directions, save_directions
 from ecif_ray.tables.store import RunStore
 
 
@@ -63,49 +65,49 @@ def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
 
 
 def worker_settings(prep: Prepared, use_gpu: bool) -> WorkerSettings:
-    cfg = prep.config
+    cfg, ckpt = prep.config, prep.checkpoint
     return WorkerSettings(out=prep.store.url, dtype=cfg.dtype, threads=cfg.threads_per_worker, use_gpu=use_gpu,
-                          n_train=prep.checkpoint["n_train"], delta=prep.checkpoint["delta"],
-                          negative_term=cfg.negative_term, segment_size=prep.checkpoint["segment_size"],
-                          ggn_chunk=cfg.solver.chunk, exclude=prep.exclude, storage_options=cfg.storage_options)
+                          n_train=ckpt.n_train, delta=ckpt.delta, negative_term=cfg.negative_term,
+                          segment_size=ckpt.segment_size, ggn_chunk=cfg.solver.chunk, exclude=prep.exclude,
+                          storage_options=cfg.storage_options)
 
 
 def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
-                   ) -> tuple[Directions, CurvatureBasis | None, dict[str, Any], bool]:
+                   ) -> tuple[Directions, CurvatureBasis | None, DirectionsMeta, bool]:
     """The saved directions when the fingerprint matches, else the curvature pass (and save them)."""
-    saved = curvature.load_directions(prep.store, prep.fingerprint)
+    saved = load_directions(prep.store, prep.fingerprint)
     if saved is not None:
-        return *saved, True
-    cfg = prep.config
+        return *solve.saved_solution(saved), saved.meta, True
+    cfg, ckpt = prep.config, prep.checkpoint
     spec = QuerySpec(names=tuple(cfg.queries), val=tuple(prep.val), test=tuple(prep.test),
-                     test_spec=absolute_local(cfg.test), classes=absolute_local(cfg.classes),
+                     test_spec=cfg.paths.test, classes=cfg.paths.classes,
                      trace_examples=cfg.trace.examples if cfg.trace else 0)
-    queries = curvature.query_gradients(pool, spec)
-    cap = max_segments(curvature.feature_bytes_per_pair(pool, prep.shards), prep.checkpoint["segment_size"],
-                       len(pool.actors), cfg.curvature_memory_mb)
+    queries = solve.query_gradients(pool, spec)
+    cap = max_segments(solve.feature_bytes_per_pair(pool, prep.shards), ckpt.segment_size, len(pool.actors),
+                       cfg.curvature_memory_mb)
     segments = cap if cfg.curvature_segments is None else min(cfg.curvature_segments, cap)
     planner = CurvaturePlanner(prep.shards, segments, cfg.curvature_shards, cfg.curvature_seed)
-    space = curvature.SolveSpace(dim=prep.checkpoint["dim"], delta=prep.checkpoint["delta"],
-                                 dtype=getattr(torch, cfg.dtype))
+    space = solve.SolveSpace(dim=ckpt.dim, delta=ckpt.delta, dtype=getattr(torch, cfg.dtype))
     rank = cfg.trace.rank if cfg.trace and queries.traced else None
-    directions, sample, basis = curvature.solve(pool, planner, queries, space, cfg.solver_settings(), cfg.damping,
-                                                emit, rank)
-    extra = {"curvature": {**sample.describe(), "seed": cfg.curvature_seed, "cap_segments": cap},
-             "damping": {"rule": cfg.damping, "training_delta": prep.checkpoint["delta"],
-                         "delta": directions.settings["delta"]},
-             "queries": {name: {"examples": queries.pairs[name], "loss": float(loss)}
-                         for name, loss in zip(queries.names, queries.losses) if name in queries.pairs},
-             "traced": queries.traced, "basis_rank": None if basis is None else int(basis.U.shape[1]),
-             "query_input_errors": len(queries.errors)}
-    curvature.save_directions(prep.store, directions, basis, prep.fingerprint, extra)
-    saved = curvature.load_directions(prep.store, prep.fingerprint)
+    directions, sample, basis = solve.solve(pool, planner, queries, space, cfg.solver_settings(), cfg.damping, emit,
+                                            rank)
+    meta = solve.directions_meta(
+        directions, prep.fingerprint,
+        curvature={**sample.describe(), "seed": cfg.curvature_seed, "cap_segments": cap},
+        damping={"rule": cfg.damping, "training_delta": ckpt.delta, "delta": directions.settings["delta"]},
+        queries={name: {"examples": queries.pairs[name], "loss": float(loss)}
+                 for name, loss in zip(queries.names, queries.losses) if name in queries.pairs},
+        traced=queries.traced, basis_rank=None if basis is None else int(basis.U.shape[1]),
+        query_input_errors=len(queries.errors))
+    save_directions(prep.store, solve.directions_arrays(directions, basis), meta)
+    saved = load_directions(prep.store, prep.fingerprint)
     assert saved is not None, "directions were just saved"
-    return *saved, False
+    return *solve.saved_solution(saved), saved.meta, False
 
 
-def job_factory(prep: Prepared, directions: Directions, meta: dict[str, Any]):
+def job_factory(prep: Prepared, directions: Directions, meta: DirectionsMeta):
     file_lineage = lineage(prep, directions, meta)
-    traced = tuple(meta.get("traced") or ())
+    traced = tuple(meta.traced)
     named = tuple(n for n in directions.names if n not in traced)
     trace_top_k = prep.config.trace.top_k if prep.config.trace else 0
 
@@ -117,7 +119,7 @@ def job_factory(prep: Prepared, directions: Directions, meta: dict[str, Any]):
     return make
 
 
-def failure_writer(prep: Prepared, directions: Directions, meta: dict[str, Any]):
+def failure_writer(prep: Prepared, directions: Directions, meta: DirectionsMeta):
     """Record a shard that failed every attempt as an ``errors`` row (stage 'score'); it stays uncommitted."""
     store: RunStore = prep.store
     file_lineage = lineage(prep, directions, meta)
@@ -128,3 +130,20 @@ def failure_writer(prep: Prepared, directions: Directions, meta: dict[str, Any])
         store.write_table("errors", prep.run_id, shard.name, rows, file_lineage)
 
     return write
+
+
+def lineage(prep: Prepared, directions: Directions, meta: DirectionsMeta) -> dict[str, Any]:
+    """The key-value metadata every table file carries."""
+    cfg, ckpt = prep.config, prep.checkpoint
+    return {
+        "run_id": prep.run_id, "fingerprint": prep.fingerprint, "checkpoint_sha256": ckpt.sha256,
+        "arch": ckpt.arch, "param_subset": ckpt.param_subset, "delta": directions.settings["delta"],
+        "training_delta": ckpt.delta, "damping": str(cfg.damping), "trunk": ckpt.trunk,
+        "negative_term": cfg.negative_term, "n_train": ckpt.n_train, "segment_size": ckpt.segment_size,
+        "dtype": cfg.dtype, "queries": [n for n in directions.names if n not in meta.traced],
+        "primary_query": directions.names[0], "traced_examples": len(meta.traced),
+        "solver": {**cfg.solver.model_dump(), "tol": directions.settings["tol"], "iterations": directions.iterations,
+                   "converged": directions.converged, "relative_residual": meta.relative_residual},
+        "curvature_segments": meta.curvature.get("segments"), "curvature_pairs": meta.curvature.get("pairs"),
+        "curvature_seed": cfg.curvature_seed, "code_version": __version__,
+    }

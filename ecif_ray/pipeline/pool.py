@@ -1,4 +1,6 @@
-"""The actor pool: N ``InfluenceWorker`` actors, and their replacement when one dies.
+"""The Ray session and the actor pool: N ``InfluenceWorker`` actors, and their replacement when one dies.
+
+``ray_session`` joins the cluster at ``address`` / RAY_ADDRESS or starts a private local one.
 
 Actors are created with ``max_restarts=0``: a restarted actor would come back without the state
 the driver gave it (curvature groups), so the driver replaces a dead actor itself, knowing what
@@ -9,6 +11,10 @@ are spread over nodes so a multi-node cluster shares the load from the start.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +23,26 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from ecif_ray.pipeline.worker import InfluenceWorker, WorkerSettings
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join the cluster at ``address`` / RAY_ADDRESS, or start a local one; leave it as found."""
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False  # the embedded default: a private local cluster
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise ValueError(f"address: cannot connect to a Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: "
+                         f"{exc}") from exc
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 class WorkerFailure(RuntimeError):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -24,9 +24,7 @@ from ecif_ray.pipeline.events import (
     SolverStep,
     WorkersReady,
 )
-
-if TYPE_CHECKING:
-    from ecif_ray.pipeline.run import ScoreResult
+from ecif_ray.pipeline.results import ScoreResult
 
 
 class ProgressDisplay:

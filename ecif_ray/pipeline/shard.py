@@ -14,18 +14,21 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.samples import ErrorRecord
 from ecif_ray.data.segments import Preprocess, Tokenizer, collate_segment, shard_segments
 from ecif_ray.data.shards import Shard
+from ecif_ray.influence.rows import pair_rows, score_rows
 from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, trace_segment
-from ecif_ray.tables.rows import error_rows, pair_rows, score_rows
+from ecif_ray.tables.ranking import top_indices
+from ecif_ray.tables.rows import error_rows
 from ecif_ray.tables.store import RunStore, ShardRecord
+
+TOP_COLUMNS = ("shard", "key", "caption", "ecif_is")  # what a shard's record keeps of its top pairs
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,8 @@ def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores]
     """Write the shard's non-empty tables (pairs last), then its commit record."""
     lineage = {**job.lineage, "attempt": job.attempt, "shard_seconds": round(seconds, 3)}
     name = job.shard.name
-    tables = {"errors": error_rows(errors), "scores": score_rows(results, job.queries), "pairs": pair_rows(results,
-                                                                                                       job.queries)}
+    pairs = pair_rows(results, job.queries)
+    tables = {"errors": error_rows(errors), "scores": score_rows(results, job.queries), "pairs": pairs}
     files = [store.write_table(table, job.run_id, name, rows, lineage)
              for table, rows in tables.items() if rows["shard"]]
     by_stage: dict[str, int] = {}
@@ -105,18 +108,12 @@ def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores]
         by_stage[e.stage] = by_stage.get(e.stage, 0) + 1
     record = ShardRecord(shard=name, run_id=job.run_id, fingerprint=job.fingerprint, files=files,
                          pairs=sum(len(r) for r in results), errors=len(errors), errors_by_stage=by_stage,
-                         seconds=round(seconds, 3), attempt=job.attempt, top=top_pairs(results, job.top_k),
+                         seconds=round(seconds, 3), attempt=job.attempt, top=top_pairs(pairs, job.top_k),
                          trace=trace)
     store.commit_shard(record)
     return record
 
 
-def top_pairs(results: Sequence[SegmentScores], k: int) -> list[dict[str, Any]]:
+def top_pairs(pairs: dict[str, list], k: int) -> list[dict[str, Any]]:
     """The shard's ``k`` most harmful pairs by the primary ecif_is (the driver merges them)."""
-    if k <= 0 or not results:
-        return []
-    scores = np.concatenate([r.ecif_is[0].double().numpy() for r in results])
-    where = [(r, i) for r in results for i in range(len(r))]
-    best = np.argsort(-scores, kind="stable")[:k]
-    return [{"shard": where[j][0].shard, "key": where[j][0].keys[where[j][1]],
-             "caption": where[j][0].captions[where[j][1]], "ecif_is": float(scores[j])} for j in best]
+    return [{name: pairs[name][i] for name in TOP_COLUMNS} for i in top_indices(pairs["ecif_is"], k)]

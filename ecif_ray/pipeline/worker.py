@@ -32,13 +32,13 @@ from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.samples import ErrorRecord
 from ecif_ray.data.segments import PairBatch, collate_segment, load_segments, shard_segments
 from ecif_ray.data.shards import Shard
-from ecif_ray.evaluation import find_classes
 from ecif_ray.influence.curvature import curvature_stacks, ggn_sum
 from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
 from ecif_ray.influence.sample import CurvatureGroup, CurvatureRequest, choose_segments
 from ecif_ray.influence.task import InfluenceTask, SegmentStack
 from ecif_ray.influence.traceback import CurvatureBasis, mispredicted
 from ecif_ray.models.checkpoint import load_checkpoint
+from ecif_ray.models.zeroshot import find_classes
 from ecif_ray.pipeline.shard import SegmentDone, ShardInputs, ShardJob, score_shard
 from ecif_ray.tables.store import RunStore, ShardRecord
 
@@ -163,7 +163,7 @@ class InfluenceWorker:
         chosen = choose_segments(request.shard.name, len(segments), request.quota, request.seed)
         batches = [collate_segment(segments[i], self.inputs.preprocess, self.inputs.tokenizer, self.inputs.pool)
                    for i in chosen]
-        self.curvature[request.group] = curvature_stacks(self.task, batches, self.settings.ggn_chunk)
+        self.curvature[request.group] = curvature_stacks(self.task, batches)
         return CurvatureGroup(group=request.group, shard=request.shard.name,
                               segments=tuple(segments[i].index for i in chosen),
                               pairs=sum(len(b) for b in batches), shard_segments=len(segments))

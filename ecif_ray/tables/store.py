@@ -4,6 +4,7 @@ Layout of a run directory (``--out``)::
 
     manifest.json                                   lineage of the run (tables.manifest)
     directions/directions.safetensors, .json        the solved iHVP directions, reused on rerun
+                                                    (tables.directions)
     pairs/run_id=<id>/<shard>.parquet               one file per shard and table (tables.schema;
                                                     <shard> escaped by shard_file_stem)
     scores/run_id=<id>/<shard>.parquet

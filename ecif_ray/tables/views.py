@@ -19,7 +19,6 @@ settings), and only SELECT statements (and EXPLAIN of them) run, so nothing is w
 from __future__ import annotations
 
 import os
-import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -144,8 +143,3 @@ def _as_url(store: RunStore, path: str) -> str:
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def table_url(store: RunStore, table: str) -> str:
-    """Where a table's files live (for Spark/Trino users: point an external table here)."""
-    return posixpath.join(store.url, table)

@@ -1,4 +1,4 @@
-"""The curvature pass on the driver: query gradients, the distributed GGN matvec, CG, saved directions.
+"""Solving the directions on the cluster: query gradients, the distributed GGN matvec, CG.
 
 Workers hold the curvature sample (``influence.sample``) group by group, as trunk features, and return one partial
 product Σ_m J_mᵀ Λ_m J_m V per group; the driver adds them in group order and divides by the
@@ -7,8 +7,10 @@ computes, and runs the engine's own ``solve_directions`` with it. A worker that 
 replaced; the replacement reloads the dead one's groups (the plan makes them reproducible) and
 the interrupted products are recomputed.
 
-The solved directions are saved in the run directory with the run's fingerprint and reused by a
-rerun with the same fingerprint, so the iHVP is solved once per run, not once per invocation.
+The solved directions are saved in the run directory (``tables.directions``) with the run's
+fingerprint and reused by a rerun with the same fingerprint, so the iHVP is solved once per run,
+not once per invocation; the last functions here convert between the solve's tensors and the
+arrays saved there.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import ray
 import torch
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import (
@@ -42,10 +42,7 @@ from ecif_ray.influence.traceback import CurvatureBasis, curvature_basis
 from ecif_ray.pipeline.events import CurvatureLoaded, Listener, SolverStep
 from ecif_ray.pipeline.pool import WorkerPool
 from ecif_ray.pipeline.worker import QueryResult, QuerySpec
-from ecif_ray.tables.store import DIRECTIONS_DIR, RunStore
-
-DIRECTIONS_TENSORS = f"{DIRECTIONS_DIR}/directions.safetensors"
-DIRECTIONS_META = f"{DIRECTIONS_DIR}/directions.json"
+from ecif_ray.tables.directions import DirectionsMeta, SavedDirections
 
 
 @dataclass(frozen=True)
@@ -211,38 +208,32 @@ def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, spa
     return directions, sample, basis
 
 
-# -- persistence ---------------------------------------------------------------------------------
+# -- the saved form (tables.directions holds numpy arrays) -----------------------------------------
 
-def save_directions(store: RunStore, directions: Directions, basis: CurvatureBasis | None, fingerprint: str,
-                    extra: dict[str, Any]) -> None:
-    """Tensors first, then the JSON that names them: a directory with JSON is complete."""
+def directions_arrays(directions: Directions, basis: CurvatureBasis | None) -> dict[str, np.ndarray]:
+    """The tensors of a solve as the arrays ``tables.directions`` saves."""
     tensors = {"vectors": directions.vectors, "query_losses": directions.query_losses,
                "relative_residual": directions.relative_residual}
     if basis is not None:
         tensors.update(basis_U=basis.U, basis_eigenvalues=basis.eigenvalues)
-    store.put(DIRECTIONS_TENSORS, save_tensors({k: v.contiguous() for k, v in tensors.items()}))
-    store.put_json(DIRECTIONS_META, {"fingerprint": fingerprint, **describe_directions(directions), **extra})
+    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
 
 
-def load_directions(store: RunStore, fingerprint: str
-                    ) -> tuple[Directions, CurvatureBasis | None, dict[str, Any]] | None:
-    """The saved directions (and basis) if they were solved for this fingerprint, else None."""
-    meta = store.get_json(DIRECTIONS_META)
-    data = store.get(DIRECTIONS_TENSORS)
-    if meta is None or data is None or meta.get("fingerprint") != fingerprint:
-        return None
-    tensors = load_tensors(data)
-    directions = Directions(names=meta["names"], vectors=tensors["vectors"], query_losses=tensors["query_losses"],
-                            relative_residual=tensors["relative_residual"], iterations=meta["iterations"],
-                            converged=meta["converged"], settings=meta["settings"], seconds=meta["seconds"])
+def directions_meta(directions: Directions, fingerprint: str, **extra: Any) -> DirectionsMeta:
+    return DirectionsMeta(fingerprint=fingerprint, names=directions.names, iterations=directions.iterations,
+                          converged=directions.converged,
+                          relative_residual=dict(zip(directions.names, directions.relative_residual.tolist())),
+                          settings=directions.settings, seconds=round(directions.seconds, 3), **extra)
+
+
+def saved_solution(saved: SavedDirections) -> tuple[Directions, CurvatureBasis | None]:
+    """Directions (and the eigenbasis, when saved) as tensors again."""
+    meta, tensors = saved.meta, {name: torch.from_numpy(a) for name, a in saved.arrays.items()}
+    directions = Directions(names=meta.names, vectors=tensors["vectors"], query_losses=tensors["query_losses"],
+                            relative_residual=tensors["relative_residual"], iterations=meta.iterations,
+                            converged=meta.converged, settings=meta.settings, seconds=meta.seconds)
     basis = None
     if "basis_U" in tensors:
         basis = CurvatureBasis(U=tensors["basis_U"], eigenvalues=tensors["basis_eigenvalues"],
                                delta=directions.settings["delta"])
-    return directions, basis, meta
-
-
-def describe_directions(directions: Directions) -> dict[str, Any]:
-    return {"names": directions.names, "iterations": directions.iterations, "converged": directions.converged,
-            "relative_residual": dict(zip(directions.names, directions.relative_residual.tolist())),
-            "settings": directions.settings, "seconds": round(directions.seconds, 3)}
+    return directions, basis
