@@ -9,6 +9,7 @@ Rows per (subset, train size):
                    the like-for-like speed-up; its scores are compared with the before-run's
   after            this release with its defaults: curvature over every training pair (cached
                    trunk features), float64, CG to 1e-8
+  after-f32        as ``after`` in float32 (CG to 1e-5): the precision EK-FAC runs in
   after-dense      as ``after`` with the dense preconditioner (G formed exactly; heads only)
   ekfac            kronfluence EK-FAC (heads only), time of factors + pairwise scores
 
@@ -147,6 +148,8 @@ def run_subset(args: argparse.Namespace, subset: str) -> list[dict]:
         rows.append({**base, "method": "after-same", **same, **compare(same_table, before)})
         after, after_table = run_after(ft, train, val, torch.float64, None, SolverSettings())
         rows.append({**base, "method": "after", **after, **compare(after_table, before)})
+        f32, f32_table = run_after(ft, train, val, torch.float32, None, SolverSettings())
+        rows.append({**base, "method": "after-f32", **f32, **compare(f32_table, before)})
         if subset == "heads":
             dense, dense_table = run_after(ft, train, val, torch.float64, None,
                                            SolverSettings(preconditioner="dense"))

@@ -93,6 +93,14 @@ def recipe_for(dataset: str, pretrain_size: int | None = None, pretrain_epochs: 
 # Cached artefacts
 
 
+# Systematic noise (kind "substitute"): each source class partly captioned as a neighbouring class,
+# the confusions a shop's alt-text makes (issue 13's probe); ``noise`` = fraction of each source class.
+SUBSTITUTIONS = {
+    "fashion-mnist": (("shirt", "t-shirt/top"), ("pullover", "coat"), ("sneaker", "sandal")),
+    "digits": (("three", "eight"), ("seven", "one"), ("four", "nine")),
+}
+
+
 def corpus(work: Path, recipe: Recipe, train_size: int, noise: float, kind: str, seed: int) -> Path:
     """A built corpus (reused when its manifest exists)."""
     out = work / f"corpus-{recipe.dataset}-p{recipe.pretrain_size}-n{train_size}-{kind}-{noise:g}-s{seed}"
@@ -100,6 +108,7 @@ def corpus(work: Path, recipe: Recipe, train_size: int, noise: float, kind: str,
         build_corpus(CorpusSpec(dataset=recipe.dataset, out=out, noise=noise, noise_kind=kind,
                                 shard_size=recipe.shard_size, seed=seed, pretrain_size=recipe.pretrain_size,
                                 train_size=train_size, val_size=recipe.val_size, test_size=recipe.test_size,
+                                substitutions=SUBSTITUTIONS[recipe.dataset] if kind == "substitute" else (),
                                 overwrite=True), progress=False)
     return out
 

@@ -12,7 +12,10 @@ Methods (all on the same fine-tuned model θ̂):
                the fine-tuning objective's δ: a sensitivity row (δ = 0.1 was chosen after seeing seed 0)
   ecif-auto    ecif-exact with the label-free analysis damping ``auto`` (0.1 × G's mean eigenvalue)
   pos-only     pos_is of the ecif-exact run: the classical pointwise influence function
-  clip-score   −clip_score (DataComp-style CLIP-score filtering)
+  pos-damped   pos_is of the ecif-damped run; pos-auto: pos_is of the ecif-auto run
+  clip-score   −clip_score of θ̂ itself (the audited model's own CLIP score)
+  external-clip-score  −clip_score of the clean pretrained checkpoint (a DataComp-style filter with a
+               reference model that never saw the noisy corpus)
   loss         the pair's own contrastive loss
   tracin       −Σ_c η_c ∇L'(θ_c)·∇Pos_n(θ_c) over the fine-tuning stage checkpoints
   trak         the traker package (CLIP model output, CPU projector), targets = validation pairs,
@@ -56,6 +59,7 @@ from common import (
     write_outputs,
 )
 
+from ecif_ray.data.corpus import NOISE_KINDS
 from ecif_ray.data.segments import PairBatch, load_segments
 from ecif_ray.evaluation import evaluate
 from ecif_ray.influence.contrastive import pair_terms
@@ -67,8 +71,8 @@ from ecif_ray.metrics import detection_metrics
 from ecif_ray.models.checkpoint import Checkpoint, load_checkpoint
 from ecif_ray.models.factory import similarity_matrix
 
-METHODS = ("ecif-exact", "ecif-taylor", "ecif-damped", "ecif-auto", "pos-only", "clip-score", "loss", "tracin", "trak",
-           "trak-reg", "ekfac")
+METHODS = ("ecif-exact", "ecif-taylor", "ecif-damped", "ecif-auto", "pos-only", "pos-damped", "pos-auto",
+           "clip-score", "external-clip-score", "loss", "tracin", "trak", "trak-reg", "ekfac")
 METRICS = ("auroc", "average_precision", "precision_at_k", "hits_top10", "seconds")
 Scores = dict[tuple[str, str], float]
 
@@ -141,13 +145,15 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
             with timed(seconds, "ecif-taylor"):
                 out["ecif-taylor"] = table_scores(engine.score(model.train, directions).to_pydict(), "ecif_is")
             seconds["ecif-taylor"] += solve["s"]
-    for method, damping in (("ecif-damped", damped_delta), ("ecif-auto", "auto")):
-        if method not in wanted:
+    for method, pos, damping in (("ecif-damped", "pos-damped", damped_delta), ("ecif-auto", "pos-auto", "auto")):
+        if not wanted & {method, pos}:
             continue
         with timed(seconds, method):
             engine = ecif_engine(model, curvature_segments, solver, damping)
             directions = engine.solve(ValidationQuery(model.val))
-            out[method] = table_scores(engine.score(model.train, directions).to_pydict(), "ecif_is")
+            table = engine.score(model.train, directions).to_pydict()
+        out[method], out[pos] = table_scores(table, "ecif_is"), table_scores(table, "pos_is")
+        seconds[pos] = seconds[method]
         solver_notes[method] = {**solver_note(directions), "delta": engine.task.delta,
                                 "curvature_pairs": engine.curvature_pairs}
     return out
@@ -156,14 +162,28 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
 @torch.no_grad()
 def forward_methods(model: Model, seconds: dict) -> dict[str, Scores]:
     """CLIP-score filtering and per-pair loss: one plain forward pass over the segments."""
-    clip, loss = [], []
     t0 = time.perf_counter()
-    for b in model.train:
-        terms = pair_terms(similarity_matrix(model.ckpt.model, b.images, b.tokens, model.ckpt.meta.logit_scale))
-        clip += (-terms.clip_score).tolist()
-        loss += terms.pos.tolist()
+    clip, loss = clip_and_loss(model.ckpt, model.train)
     seconds["clip-score"] = seconds["loss"] = time.perf_counter() - t0
     return {"clip-score": by_pair(model.train, clip), "loss": by_pair(model.train, loss)}
+
+
+@torch.no_grad()
+def clip_and_loss(ckpt: Checkpoint, batches: list[PairBatch]) -> tuple[list[float], list[float]]:
+    """−clip_score and the own loss of every pair under ``ckpt``."""
+    clip, loss = [], []
+    for b in batches:
+        terms = pair_terms(similarity_matrix(ckpt.model, b.images, b.tokens, ckpt.meta.logit_scale))
+        clip += (-terms.clip_score).tolist()
+        loss += terms.pos.tolist()
+    return clip, loss
+
+
+def external_clip_method(reference: Path, model: Model, seconds: dict) -> dict[str, Scores]:
+    """−clip_score under the clean pretrained checkpoint (same preprocessing and tokenizer)."""
+    with timed(seconds, "external-clip-score"):
+        clip, _ = clip_and_loss(load_checkpoint(reference), model.train)
+    return {"external-clip-score": by_pair(model.train, clip)}
 
 
 def baseline_methods(model: Model, wanted: set[str], subset: str, trak_proj_dim: int, trak_lambda: float,
@@ -227,7 +247,7 @@ def score_setting(args: argparse.Namespace, recipe: Recipe, seed: int, noise: fl
               "damped_delta": args.damped_delta, "trak_lambda": args.trak_lambda}
     cache = ft.final.parent / score_cache_name(config)
     with locked(cache.with_suffix(".lock")):  # concurrent runs compute each setting's scores once
-        return _cached_scores(args, subset, seed, corpus_dir, ft, model, keys, cache, config)
+        return _cached_scores(args, subset, seed, corpus_dir, ft, model, keys, cache, config, init)
 
 
 def score_cache_name(config: dict) -> str:
@@ -240,7 +260,7 @@ def score_cache_name(config: dict) -> str:
 
 
 def _cached_scores(args: argparse.Namespace, subset: str, seed: int, corpus_dir: Path, ft, model: Model,
-                   keys: list[tuple[str, str]], cache: Path, config: dict) -> Setting:
+                   keys: list[tuple[str, str]], cache: Path, config: dict, reference: Path) -> Setting:
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("config") != config:
         cached = {"config": config, "scores": {}, "seconds": {}, "notes": {}}
@@ -251,6 +271,8 @@ def _cached_scores(args: argparse.Namespace, subset: str, seed: int, corpus_dir:
     scores = ecif_methods(model, wanted, args.curvature_segments, args.damped_delta, seconds, solver_notes)
     if wanted & {"clip-score", "loss"}:
         scores.update(forward_methods(model, seconds))
+    if "external-clip-score" in wanted:
+        scores.update(external_clip_method(reference, model, seconds))
     scores.update(baseline_methods(model, wanted, subset, args.trak_proj_dim, args.trak_lambda, seed, seconds,
                                    notes))
     for method, values in scores.items():
@@ -335,7 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
     p.add_argument("--train-size", type=int, default=10000)
     p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    p.add_argument("--kinds", nargs="+", default=["swap-class", "swap-pair"])
+    p.add_argument("--kinds", nargs="+", default=["swap-class", "swap-pair"], choices=NOISE_KINDS,
+                   help="substitute: systematic noise (common.SUBSTITUTIONS), --noise per source class")
     p.add_argument("--subsets", nargs="+", default=["heads", "lora"], choices=["heads", "lora"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

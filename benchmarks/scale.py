@@ -15,7 +15,13 @@ b. curvature-sample size: the pipeline on the smallest prefix with ``--curvature
    the curvature pass (query gradients + loading the sample + CG on the driver), the CG solve alone,
    its iterations, and the driver's and workers' peak RSS;
 c. TRAK and EK-FAC (``baselines/``) on each prefix, in-process on the whole corpus as ``detection.py``
-   runs them: data loading and scoring seconds and the process's peak RSS.
+   runs them: data loading and scoring seconds and the process's peak RSS;
+d. shard size: one worker on a single shard of ``--shard-sizes`` pairs of real 427×640 JPEGs (the two
+   photos scikit-learn ships, 0.8 MB each decoded): a worker streams a shard segment by segment, so
+   its peak should stay flat while the decoded shard grows 16× (holding it whole would cost
+   pairs × 0.8 MB).
+
+    .venv/bin/python benchmarks/scale.py --studies shard-size --shard-sizes 256 1024 4096
 
 Every run is a fresh subprocess (this script with ``--job``), so each peak is that run's own. Peaks
 are ``VmHWM`` (``pipeline.worker.peak_rss_bytes``), not ``ru_maxrss``: a child's ``ru_maxrss``
@@ -72,7 +78,11 @@ def main() -> None:
     ckpt, corpus_dir, shard_urls, shard_size = prepare(args)
     runs = Path(tempfile.mkdtemp(prefix="ecif-scale-"))  # the pipeline's run directories
     try:
-        rows = measure_all(plan_jobs(args, ckpt, corpus_dir, shard_urls, shard_size, runs),
+        jobs = [j for j in plan_jobs(args, ckpt, corpus_dir, shard_urls, shard_size, runs)
+                if j["study"] in args.studies]
+        if "shard-size" in args.studies:
+            jobs += shard_size_jobs(args, ckpt, corpus_dir, runs)
+        rows = measure_all(jobs,
                            Path(args.out).with_suffix(".partial.jsonl"))
     finally:
         shutil.rmtree(runs, ignore_errors=True)
@@ -91,6 +101,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--baseline-sizes", type=int, nargs="*", default=None, help="default: --sizes")
     p.add_argument("--corpus-size", type=int, default=None, help="train pairs of the corpus cut (default: the largest)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--studies", nargs="+", default=["growth", "curvature", "baseline", "shard-size"],
+                   choices=["growth", "curvature", "baseline", "shard-size"])
+    p.add_argument("--shard-sizes", type=int, nargs="+", default=[256, 1024, 4096],
+                   help="pairs in the single shard of the shard-size study")
     p.add_argument("--trak-proj-dim", type=int, default=2048)
     p.add_argument("--max-iter", type=int, default=None, help="CG iteration cap (default: the solver's; smoke tests)")
     p.add_argument("--model-train-size", type=int, default=4000,
@@ -136,6 +150,41 @@ def plan_jobs(args: argparse.Namespace, ckpt: Path, corpus_dir: Path, shard_urls
     jobs += [job(m, "baseline", n) for m in args.baselines for n in sizes]
     return jobs + [job("ecif", "curvature", smallest, k) for k in sorted(args.curvature)
                    if k != args.growth_curvature]
+
+
+def shard_size_jobs(args: argparse.Namespace, ckpt: Path, corpus_dir: Path, runs: Path) -> list[dict]:
+    """One single-shard corpus per size, of real photos (large decoded images), scored by one worker."""
+    jobs = []
+    for n in sorted(args.shard_sizes):
+        shard = write_photo_shard(runs / f"photos-{n}" / "photos-000000.tar", n)
+        jobs.append({"method": "ecif", "study": "shard-size", "pairs": n, "ckpt": str(ckpt), "train": [str(shard)],
+                     "val": str(corpus_dir / "val"), "curvature_segments": args.growth_curvature, "workers": 1,
+                     "trak_proj_dim": args.trak_proj_dim, "max_iter": args.max_iter,
+                     "out": str(runs / f"ecif-shard-{n}")})
+    return jobs
+
+
+def write_photo_shard(path: Path, pairs: int) -> Path:
+    """A webdataset shard of ``pairs`` samples alternating scikit-learn's two sample photos (JPEG)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for array in load_sample_images().images:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+        photos.append(buffer.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(pairs):
+            for name, data in ((f"{i:08d}.jpg", photos[i % 2]), (f"{i:08d}.txt", b"a photo of a bag.")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
 
 
 def measure_all(jobs: list[dict], partial: Path) -> list[dict]:
@@ -250,7 +299,7 @@ def baseline_job(job: dict) -> dict:
 def report(args: argparse.Namespace, rows: list[dict], seconds: float) -> None:
     ok = [r for r in rows if "error" not in r]
     tables = {"growth": growth_table(ok), "curvature": curvature_table(ok, args.growth_curvature),
-              "comparison": comparison_table(ok)}
+              "comparison": comparison_table(ok), "shard size": shard_size_table(ok)}
     for name, table in tables.items():
         print(f"\n### {name}\n\n{table}")
     for r in rows:
@@ -277,8 +326,16 @@ def growth_table(rows: list[dict]) -> str:
                            "driver peak − floor MiB", "pairs/s", "scoring s", "total s", "load avg"], lines)
 
 
+def shard_size_table(rows: list[dict]) -> str:
+    lines = [[r["pairs"], f"{r['pairs'] * 427 * 640 * 3 / MIB:.0f}", _mib(r["worker_peak_rss_mib"]),
+              _mib(r["worker_above_ready_mib"]), f"{r['pairs_per_s']:.0f}", f"{r['total_s']:.1f}", r["load_avg_before"]]
+             for r in rows if r["study"] == "shard-size"]
+    return markdown_table(["pairs in the shard", "decoded shard MiB", "worker peak RSS MiB", "worker peak − ready MiB",
+                           "pairs/s", "total s", "load avg"], lines)
+
+
 def curvature_table(rows: list[dict], growth_curvature: int) -> str:
-    smallest = min((r["pairs"] for r in rows if r["method"] == "ecif"), default=0)
+    smallest = min((r["pairs"] for r in rows if r["study"] in ("growth", "curvature")), default=0)
     chosen = [r for r in rows if r["method"] == "ecif" and r["pairs"] == smallest
               and (r["study"] == "curvature" or r["curvature_segments"] == growth_curvature)]
     lines = [[r["curvature_segments"], r["curvature_pairs"], r["cg_iterations"], f"{r['solve_s']:.2f}",

@@ -27,11 +27,12 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from ecif_ray.data.samples import DEFAULT_LIMITS, ReadLimits
 from ecif_ray.influence.sample import DEFAULT_MEMORY_MB
-from ecif_ray.influence.settings import DEFAULT_SOLVER, SolverSettings
+from ecif_ray.influence.settings import DEFAULT_SOLVER, AnalysisDType, SolverSettings
 
 QueryName = Literal["val", "task"]
-DType = Literal["float32", "float64"]
+DType = AnalysisDType
 
 
 class SolverConfig(BaseModel):
@@ -48,6 +49,22 @@ class SolverConfig(BaseModel):
     nystrom_rank: int = Field(DEFAULT_SOLVER.nystrom_rank, ge=1, description="rank of the Nyström preconditioner")
     seed: int = Field(DEFAULT_SOLVER.seed, ge=0, description="seed of the Nyström sketch")
     chunk: int = Field(DEFAULT_SOLVER.chunk, ge=1, description="vectors per vmapped JVP/VJP (bounds worker memory)")
+
+
+class LimitsConfig(BaseModel):
+    """Caps on untrusted input (``data.samples.ReadLimits``); the defaults are beyond any real corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_member_bytes: int = Field(DEFAULT_LIMITS.max_member_bytes, ge=1, description="a tar member larger than "
+                                  "this (as its header declares) is an errors row, never read")
+    max_image_pixels: int = Field(DEFAULT_LIMITS.max_image_pixels, ge=1, description="an image with more pixels is "
+                                  "an errors row, never decoded")
+    max_caption_chars: int = Field(DEFAULT_LIMITS.max_caption_chars, ge=1, description="captions are cut to this "
+                                   "many characters before they are scored and stored")
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(**self.model_dump())
 
 
 class TraceConfig(BaseModel):
@@ -87,6 +104,8 @@ class ScoreConfig(BaseModel):
 
     # -- inputs ------------------------------------------------------------------------------
     ckpt: str = Field(description="ecif-ray checkpoint directory (local path or fsspec URL)")
+    trusted_arch: str | None = Field(None, description="a model source outside open_clip's builtin configs that "
+                                     "the checkpoint may name (e.g. hf-hub:org/model); any other is refused")
     train: str | list[str] = Field(description="shards to score: dir, brace pattern, glob, s3://..., or a list")
     val: str | list[str] | None = Field(None, description="trusted validation pairs (the 'val' query)")
     test: str | list[str] | None = Field(None, description="labelled test images (the 'task' query)")
@@ -116,7 +135,9 @@ class ScoreConfig(BaseModel):
     curvature_seed: int = Field(0, ge=0, description="seed of the curvature sample")
     solver: SolverConfig = Field(default_factory=SolverConfig)
     trace: TraceConfig | None = Field(None, description="also fill the trace table (needs test)")
-    dtype: DType = Field("float64", description="float64 (exact, CPU) or float32 (GPU-scale runs)")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    dtype: DType = Field("auto", description="float64, float32, or auto: float64 for the heads subset (cheap "
+                         "there), float32 for lora/last-k/all (float64 costs 3.4× there)")
 
     # -- how the run is executed -------------------------------------------------------------
     address: str | None = Field(None, description="Ray address ('auto', ray://...); default: RAY_ADDRESS "
@@ -126,6 +147,10 @@ class ScoreConfig(BaseModel):
     threads_per_worker: int = Field(1, ge=1, description="CPUs reserved per actor: torch threads on a CPU actor, "
                                    "image-decoding threads on a GPU actor")
     max_attempts: int = Field(3, ge=1, description="tries per shard before it is reported as failed")
+    retry_backoff_s: float = Field(5.0, ge=0, description="seconds before retrying a shard whose task raised "
+                                   "(e.g. storage down), doubling per attempt")
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for the workers to start before giving "
+                                   "up (a busy cluster cannot place them)")
     max_worker_failures: int | None = Field(None, ge=0,
                                             description="actor deaths tolerated (default 2 × workers + 2)")
     top_k: int = Field(10, ge=0, description="flagged pairs shown in the summary (and kept per shard)")
@@ -208,6 +233,8 @@ class ScoreConfig(BaseModel):
         inputs = {name: getattr(self, name) for name in keep}
         inputs["solver"] = self.solver.model_dump()
         inputs["trace"] = None if self.trace is None else self.trace.model_dump()
+        if self.limits != LimitsConfig():  # only when set: runs made before the limits existed still resume
+            inputs["limits"] = self.limits.model_dump()
         return inputs
 
     def public_dump(self) -> dict[str, Any]:

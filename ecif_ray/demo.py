@@ -89,7 +89,7 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: in
 
     t = time.perf_counter()
     print(f"[demo] score every training pair on a local Ray cluster ({workers} workers)", flush=True)
-    # The defaults: curvature over every training pair (cached trunk features), float64.
+    # The defaults: curvature over every training pair (cached trunk features), float64 for the heads.
     result = run_score(ScoreConfig(ckpt=str(work / "finetuned"), train=str(corpus / "train"),
                                    val=str(corpus / "val"), out=str(work / "run"), workers=workers))
     timings["score_s"] = time.perf_counter() - t

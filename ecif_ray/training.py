@@ -8,6 +8,24 @@ each step draws a few whole segments, so every gradient is an unbiased estimate 
 per epoch. Excluded pairs leave their segment; all other memberships stay as they were.
 
 The model runs in eval mode (deterministic objective: no dropout), the logit scale is fixed.
+
+Is the result worth auditing? Two checks, recorded in the checkpoint's ``training`` section
+(``warnings``) and raised as :class:`TrainingWarning`:
+
+* **too few steps**: Adam took fewer than ``min_steps`` optimizer steps (default 300). Measured
+  (ecif-micro from scratch, lr 1e-3, 20 epochs on 600 digits pairs in 21 segments of <= 32): 120
+  steps (4 segments per step) stay at chance, 10% zero-shot accuracy; 140 steps reach 25%, 220
+  50%, 420 82%. The default ``segments_per_step`` therefore adapts: the largest k <= 4 with
+  ``epochs * ceil(M / k) >= min_steps`` (M segments), else 1; big corpora keep 4 segments per
+  step, small ones get the steps they need.
+* **near chance**: the median training pair's own loss at θ̂ (−log P^r_nn − log P^c_nn) is at least
+  ``NEAR_CHANCE`` (0.9) of chance, the loss of a uniform guess. ``segment_loss`` sums −log P over both
+  directions (text→image and image→text), so a uniform softmax costs 2·log B per pair, and the mean
+  chance loss of a partition is ``(2/N) Σ_m B_m log B_m`` (2·log B when every segment is full). The
+  median, not the mean: training data is the noisy corpus being audited, and misaligned pairs cost
+  a model that did learn far more than chance. Measured: heads fine-tuned on 20%-misaligned digits
+  have mean training loss 1.24 x chance (val loss 0.68 x) but median pair 0.50 x; models that learned
+  nothing sit at 1.0-1.1 x either way.
 """
 
 from __future__ import annotations
@@ -15,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -37,6 +57,14 @@ from ecif_ray.models.checkpoint import (
 from ecif_ray.models.factory import ClipBundle, create_model, similarity_matrix
 from ecif_ray.models.subsets import ParamSubset
 
+MIN_STEPS = 300  # Adam steps below which a fresh model typically learns nothing (module docstring)
+MAX_SEGMENTS_PER_STEP = 4  # the automatic segments_per_step never exceeds this
+NEAR_CHANCE = 0.9  # loss / chance at or above this: the model is near chance
+
+
+class TrainingWarning(UserWarning):
+    """The trained model may not be worth auditing (too few steps, or near chance)."""
+
 
 class TrainConfig(BaseModel):
     """Arguments of ``ecif-ray train`` (validated up front; errors name the field)."""
@@ -55,7 +83,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     exclude: str | None = None
     lr: float = Field(1e-3, gt=0)
-    segments_per_step: int = Field(4, ge=1)
+    segments_per_step: int | None = Field(None, ge=1, description="Adam: segments per step; default: the largest "
+                                          "k <= 4 that gives at least min_steps optimizer steps, else 1")
+    min_steps: int = Field(MIN_STEPS, ge=0, description="warn when Adam takes fewer optimizer steps than this")
     optimizer: Literal["adam", "lbfgs"] = "adam"
     logit_scale: float | None = Field(None, gt=0, description="fixed s; default: the init model's")
     device: str = "cpu"
@@ -110,7 +140,8 @@ def total_segment_loss(bundle: ClipBundle, batches: list[PairBatch], scale: floa
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Fine-tune, then write the checkpoint; returns its path."""
+    """Fine-tune, then write the checkpoint; returns its path. Warns (:class:`TrainingWarning`, also
+    recorded in the checkpoint) when the model may not be worth auditing (module docstring)."""
     t0 = time.perf_counter()
     bundle, anchor, parent = _start(cfg)
     cfg.params.apply(bundle.model)
@@ -128,11 +159,12 @@ def train(cfg: TrainConfig) -> Path:
     if not batches:
         raise ValueError(f"no trainable pairs in {cfg.train} ({len(errors)} bad samples)")
     batches = [_to_device(b, cfg.device) for b in batches]
-    n_pairs = sum(len(b) for b in batches)
+    per_step = cfg.segments_per_step or default_segments_per_step(len(batches), cfg.epochs, cfg.min_steps)
     settings = FitSettings(delta=cfg.delta, logit_scale=scale, epochs=cfg.epochs, lr=cfg.lr,
-                           segments_per_step=cfg.segments_per_step, optimizer=cfg.optimizer, seed=cfg.seed,
+                           segments_per_step=per_step, optimizer=cfg.optimizer, seed=cfg.seed,
                            progress=cfg.progress)
     history = fit(bundle, params, anchor, batches, settings)
+    check = learning_check(bundle, batches, settings, cfg.min_steps)
 
     meta = CheckpointMeta(
         arch=bundle.arch, pretrained=cfg.pretrained, param_subset=cfg.params, logit_scale=scale,
@@ -140,13 +172,79 @@ def train(cfg: TrainConfig) -> Path:
         training={
             "train": cfg.train, "init": cfg.init, "parent_fingerprint": parent, "exclude": cfg.exclude,
             "excluded_pairs": len(exclude) if exclude else 0, "epochs": cfg.epochs, "lr": cfg.lr,
-            "segments_per_step": cfg.segments_per_step, "optimizer": cfg.optimizer, "n_pairs": n_pairs,
-            "n_segments": len(batches),
+            "segments_per_step": per_step, "segments_per_step_auto": cfg.segments_per_step is None,
+            "optimizer": cfg.optimizer, "n_pairs": sum(len(b) for b in batches), "n_segments": len(batches),
             "bad_samples": len(errors), "final_objective": history[-1], "objective_per_epoch": history,
-            "wall_time_s": round(time.perf_counter() - t0, 2),
+            **check, "wall_time_s": round(time.perf_counter() - t0, 2),
         },
     )
     return save_checkpoint(cfg.out, bundle, meta, anchor)
+
+
+# -- is the trained model worth auditing? ----------------------------------------------------------
+
+def default_segments_per_step(n_segments: int, epochs: int, min_steps: int = MIN_STEPS) -> int:
+    """The largest k <= MAX_SEGMENTS_PER_STEP whose run takes at least ``min_steps`` Adam steps
+    (``epochs · ⌈n_segments / k⌉``); 1 when none does (the most steps the run can take)."""
+    for k in range(MAX_SEGMENTS_PER_STEP, 1, -1):
+        if adam_steps(n_segments, epochs, k) >= min_steps:
+            return k
+    return 1
+
+
+def adam_steps(n_segments: int, epochs: int, segments_per_step: int) -> int:
+    return epochs * math.ceil(n_segments / segments_per_step)
+
+
+def chance_loss(segment_sizes: Iterable[int]) -> float:
+    """Mean per-pair loss of a model that cannot tell pairs apart (uniform softmax in every segment):
+    each pair pays log B in both directions, so ``(2/N) Σ_m B_m log B_m`` (2·log B for full segments)."""
+    sizes = [int(b) for b in segment_sizes]
+    return 2.0 * sum(b * math.log(b) for b in sizes) / max(sum(sizes), 1)
+
+
+def loss_check(loss: float, chance: float) -> dict[str, Any]:
+    """``loss`` against ``chance``: the ratio and whether it is near chance (ratio >= NEAR_CHANCE)."""
+    ratio = loss / chance if chance > 0 else None
+    return {"chance_loss": chance, "loss_ratio": ratio, "near_chance": ratio is not None and ratio >= NEAR_CHANCE,
+            "near_chance_threshold": NEAR_CHANCE}
+
+
+@torch.no_grad()
+def pair_loss_ratios(bundle: ClipBundle, batches: list[PairBatch], scale: float) -> tuple[float, torch.Tensor]:
+    """The mean per-pair loss (1/N) Σ_m L_seg,m at the model's current parameters, and each pair's own
+    loss over its chance 2·log B_m (pairs of segments with B_m >= 2)."""
+    losses, ratios = [], []
+    for b in batches:
+        own = contrastive.pair_terms(similarity_matrix(bundle.model, b.images, b.tokens, scale)).pos.double()
+        losses.append(own)
+        if len(b) > 1:
+            ratios.append(own / (2 * math.log(len(b))))
+    return float(torch.cat(losses).mean()), torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
+
+
+def learning_check(bundle: ClipBundle, batches: list[PairBatch], settings: FitSettings,
+                   min_steps: int) -> dict[str, Any]:
+    """The ``training`` fields of the two checks (module docstring); warns for each that fails."""
+    loss, ratios = pair_loss_ratios(bundle, batches, settings.logit_scale)
+    median = float(ratios.median()) if len(ratios) else None
+    check = {"final_train_loss": loss, **loss_check(loss, chance_loss(len(b) for b in batches)),
+             "median_loss_ratio": median, "near_chance": median is not None and median >= NEAR_CHANCE}
+    steps = adam_steps(len(batches), settings.epochs, settings.segments_per_step) \
+        if settings.optimizer == "adam" else None
+    found = []
+    if steps is not None and steps < min_steps:
+        found.append(f"training took {steps} optimizer steps ({settings.epochs} epochs x "
+                     f"ceil({len(batches)} segments / {settings.segments_per_step} per step)), fewer than "
+                     f"min_steps={min_steps}: a model trained this briefly may have learned nothing "
+                     "(raise --epochs or lower --segments-per-step)")
+    if check["near_chance"]:
+        found.append(f"the model is near chance: the median training pair's loss is {median:.2f} x chance "
+                     "(2*log(segment size), the loss of a uniform guess); it learned (almost) nothing and an "
+                     "influence audit of it is meaningless (train with more steps or a higher --lr)")
+    for message in found:
+        warnings.warn(message, TrainingWarning, stacklevel=3)
+    return {**check, "optimizer_steps": steps, "min_steps": min_steps, "warnings": found}
 
 
 def _to_device(batch: PairBatch, device: str) -> PairBatch:

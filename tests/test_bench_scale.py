@@ -19,7 +19,7 @@ BASELINES = [m for m, package in (("trak", "trak"), ("ekfac", "kronfluence")) if
 TINY = ["--dataset", "digits", "--sizes", "512", "1024", "--curvature", "4", "--growth-curvature", "4",
         "--max-iter", "30", "--workers", "1", "--baselines", *BASELINES, "--baseline-sizes", "512",
         "--pretrain-size", "128", "--pretrain-epochs", "4", "--finetune-epochs", "4", "--model-train-size", "1024",
-        "--trak-proj-dim", "64"]
+        "--trak-proj-dim", "64", "--shard-sizes", "48"]
 
 
 def finite(values) -> bool:
@@ -36,7 +36,7 @@ def test_scale_smoke(tmp_path: Path) -> None:
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert not [r for r in rows if "error" in r]
     assert {(r["method"], r["study"], r["pairs"], r["curvature_segments"]) for r in rows} == {
-        ("ecif", "growth", 512, 4), ("ecif", "growth", 1024, 4),
+        ("ecif", "growth", 512, 4), ("ecif", "growth", 1024, 4), ("ecif", "shard-size", 48, 4),
         *((m, "baseline", 512, None) for m in BASELINES)}
     for r in rows:
         assert finite([r["total_s"], r["process_wall_s"], r["peak_rss_sum_mib"], r["above_floor_sum_mib"]])
@@ -46,5 +46,5 @@ def test_scale_smoke(tmp_path: Path) -> None:
             assert r["cg_iterations"] > 0 and min(r["worker_peak_rss_mib"]) > 0
         else:
             assert r["finite"] and r["peak_rss_mib"] >= r["floor_rss_mib"] > 0
-    assert all(f"### {t}" in result.stdout for t in ("growth", "curvature", "comparison"))
+    assert all(f"### {t}" in result.stdout for t in ("growth", "curvature", "comparison", "shard size"))
     assert "| 4 | 128 |" in result.stdout  # the curvature table: K = 4 segments of 32 pairs

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from ecif_ray.data.corpus import (
-    NOISE_KINDS,
+    RANDOM_NOISE_KINDS,
     SPLITS,
     CorpusSpec,
     _mixed_class_matching,
@@ -54,7 +54,7 @@ def read_truth(out: Path):
     return pq.read_table(out / "truth.parquet").to_pandas()
 
 
-@pytest.fixture(scope="module", params=NOISE_KINDS)
+@pytest.fixture(scope="module", params=RANDOM_NOISE_KINDS)
 def noisy(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     summary = build_corpus(small_spec(out, noise=0.3, noise_kind=request.param), progress=False)
@@ -121,7 +121,7 @@ def test_splits_are_disjoint(noisy):
 # --- noise ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", NOISE_KINDS)
+@pytest.mark.parametrize("kind", RANDOM_NOISE_KINDS)
 @pytest.mark.parametrize("noise", [0.0, 0.115, 0.3, 0.9])  # 0, 23 (odd), 60, 181 (odd) of 201
 def test_misaligned_count_is_exact(tmp_path, kind, noise):
     summary = build_corpus(small_spec(tmp_path, noise=noise, noise_kind=kind), progress=False)
@@ -150,6 +150,63 @@ def test_swap_class_spreads_over_other_classes(tmp_path):
     bad = read_truth(tmp_path).query("split == 'train' and misaligned")
     assert bad["caption_class"].nunique() == len(DIGIT_CLASSES)
     assert bad["template"].nunique() == len(CAPTION_TEMPLATES)
+
+
+def test_substitution_captions_a_fraction_of_each_source_class_as_its_target(tmp_path):
+    """Systematic noise: per source class, round(noise · its train pairs) are captioned as the target
+    class and nothing else changes; truth.parquet names both classes."""
+    subs = (("3", "8"), ("7", "1"))
+    names = dict(zip(map(str, range(10)), DIGIT_CLASSES, strict=True))
+    spec = small_spec(tmp_path, noise=0.4, noise_kind="substitute",
+                      substitutions=tuple((names[s], names[d]) for s, d in subs))
+    summary = build_corpus(spec, progress=False)
+    truth = read_truth(tmp_path)
+    train = truth.query("split == 'train'")
+    bad = train.query("misaligned")
+    expected = 0
+    for source, target in spec.substitutions:
+        members = train[train["true_class"] == source]
+        hit = bad[bad["true_class"] == source]
+        assert len(hit) == round(0.4 * len(members)) > 0
+        assert set(hit["caption_class"]) == {target}
+        expected += len(hit)
+    assert summary.misaligned == len(bad) == expected
+    assert set(bad["true_class"]) == {s for s, _ in spec.substitutions}
+    assert truth.query("split != 'train'")["misaligned"].sum() == 0
+    assert (bad["caption"] == [caption_for(c, t) for c, t in zip(bad["caption_class"], bad["template"])]).all()
+    assert json.loads((tmp_path / "corpus.json").read_text())["spec"]["substitutions"] == [list(p)
+                                                                                          for p in spec.substitutions]
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"noise_kind": "substitute"}, "substitutions"),
+    ({"substitutions": (("zero", "one"),)}, "substitutions"),
+    ({"noise_kind": "substitute", "substitutions": (("zero", "zero"),)}, "by itself"),
+])
+def test_bad_substitutions_are_refused(tmp_path, fields, says):
+    with pytest.raises(ValueError, match=says):
+        small_spec(tmp_path, noise=0.2, **fields)
+
+
+def test_unknown_substitution_class_lists_the_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown class 'shirt'.*zero"):
+        build_corpus(small_spec(tmp_path, noise=0.2, noise_kind="substitute", substitutions=(("shirt", "zero"),)),
+                     progress=False)
+
+
+def test_corpus_cli_takes_substitutions(tmp_path, capsys):
+    from ecif_ray.cli import main
+
+    out = tmp_path / "c"
+    argv = ["corpus", "build", "--dataset", "digits", "--out", str(out), "--noise", "0.5", "--noise-kind",
+            "substitute", "--substitutions", f"{DIGIT_CLASSES[2]}={DIGIT_CLASSES[5]}", "--train-size", "100",
+            "--pretrain-size", "50", "--val-size", "20", "--test-size", "20"]
+    assert main(argv) == 0
+    bad = read_truth(out).query("misaligned")
+    assert set(zip(bad["true_class"], bad["caption_class"])) == {(DIGIT_CLASSES[2], DIGIT_CLASSES[5])}
+    with pytest.raises(SystemExit) as refused:
+        main([*argv[:-8], "--substitutions", "two", "--overwrite"])
+    assert refused.value.code == 2 and "'two' is not SRC=DST" in capsys.readouterr().err
 
 
 def test_mixed_class_matching_with_a_dominant_class():

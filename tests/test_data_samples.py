@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds_lib
 from PIL import Image
 
-from ecif_ray.data.samples import ErrorRecord, Sample, iter_shard, read_shard
+from ecif_ray.data.samples import ErrorRecord, Sample, ShardUnavailable, is_storage_failure, iter_shard, read_shard
 from ecif_ray.data.shards import Shard
 
 
@@ -138,11 +138,53 @@ def test_every_bad_sample_kind_becomes_one_error_record(tmp_path, wds):
     assert [i.image.tobytes() for i in threaded if isinstance(i, Sample)] == [s.image.tobytes() for s in samples]
 
 
-def test_missing_shard_is_an_open_error(tmp_path):
+def test_missing_shard_is_unavailable_not_an_error_row(tmp_path):
+    """Failed storage is not bad input: no record (which would commit the shard), an exception to retry."""
     shard = Shard(url=str(tmp_path / "gone-000007.tar"), name="gone-000007.tar")
-    (error,) = list(iter_shard(shard))
-    assert (error.shard, error.key, error.stage, error.error) == ("gone-000007.tar", "", "open", "FileNotFoundError")
-    assert "gone-000007.tar" in error.message
+    with pytest.raises(ShardUnavailable, match=r"gone-000007.tar: cannot open .*FileNotFoundError"):
+        list(iter_shard(shard))
+
+
+class _FlakyFile(io.BytesIO):
+    """A stream whose connection drops after ``limit`` bytes."""
+
+    def __init__(self, data: bytes, limit: int):
+        super().__init__(data)
+        self.limit = limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.limit:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(size)
+
+
+def test_a_read_that_fails_in_the_storage_raises_and_a_corrupt_tar_does_not(tmp_path, monkeypatch, wds):
+    path = tmp_path / "flaky-000000.tar"
+    wds.write_shard(path, 6)
+    data = path.read_bytes()
+    shard = Shard(url=str(path), name=path.name)
+    monkeypatch.setattr("ecif_ray.data.samples.open_shard", lambda s, o=None: _FlakyFile(data, len(data) // 2))
+    with pytest.raises(ShardUnavailable, match=r"flaky-000000.tar: reading failed.*ConnectionResetError"):
+        list(iter_shard(shard))
+    monkeypatch.undo()
+    path.write_bytes(data[: len(data) // 2])  # the same bytes missing because the file is cut: bad input
+    samples, [error] = read_shard(shard)
+    assert error.stage == "read" and 0 < len(samples) < 6
+
+
+@pytest.mark.parametrize(("exc", "storage"), [
+    (ConnectionResetError(104, "reset"), True),
+    (TimeoutError("timed out"), True),
+    (OSError(5, "Input/output error"), True),
+    (tarfile.ReadError("bad checksum"), False),
+    (EOFError("compressed file ended"), False),
+    (OSError("Invalid data stream"), False),  # bz2: no errno, the bytes are bad
+])
+def test_storage_failures_are_told_from_bad_bytes(exc, storage):
+    assert is_storage_failure(exc) is storage
+    wrapped = tarfile.ReadError("not a gzip file")  # what tarfile makes of a failing gzip stream
+    wrapped.__cause__ = exc
+    assert is_storage_failure(wrapped) is storage
 
 
 def test_not_a_tar_is_a_read_error(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ecif_ray.data.exclusions import ExclusionSet, read_exclusions
-from ecif_ray.data.samples import Sample, read_shard
+from ecif_ray.data.samples import Sample, ShardUnavailable, read_shard
 from ecif_ray.data.segments import (
     PairBatch,
     Segment,
@@ -20,7 +20,7 @@ from ecif_ray.data.segments import (
     exclude_from_segments,
     load_segments,
     segment_samples,
-    shard_segments,
+    stream_segments,
 )
 from ecif_ray.data.shards import list_shards
 
@@ -69,7 +69,7 @@ def test_segments_are_consecutive_with_a_short_last_one():
 
 def test_segments_depend_only_on_content_and_size(corpus):
     (shard,) = list_shards(f"{corpus}/s-000001.tar")
-    first = membership(shard_segments(shard, segment_size=2)[0])
+    first = membership(list(stream_segments(shard, segment_size=2)))
     again = membership(segment_samples(read_shard(shard)[0], 2))
     assert (
         first
@@ -137,12 +137,10 @@ def test_load_segments_orders_batches_excludes_after_segmenting_and_returns_erro
     assert [b.keys for b in again][:3] == [["000000", "000001"], ["000002", "000003"], ["000004"]]
 
 
-def test_load_segments_reports_missing_shards(corpus):
-    batches, errors = load_segments(
-        f"{corpus}/s-{{000000,000009}}.tar", segment_size=4, preprocess=preprocess, tokenizer=tokenizer
-    )
-    assert [len(b) for b in batches] == [4, 1]
-    assert [(e.shard, e.stage) for e in errors] == [("s-000009.tar", "open")]
+def test_load_segments_refuses_a_missing_shard_by_name(corpus):
+    with pytest.raises(ShardUnavailable, match=r"s-000009.tar"):
+        load_segments(f"{corpus}/s-{{000000,000009}}.tar", segment_size=4, preprocess=preprocess,
+                      tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from ecif_ray.data.samples import read_shard
+from ecif_ray.data.samples import ShardUnavailable, read_shard
 from ecif_ray.data.shards import Shard, ShardListingError, list_shards, open_shard
 
 
@@ -37,7 +37,7 @@ def test_directory_lists_tar_files_sorted_by_name(shard_dir):
 def test_brace_pattern_keeps_expansion_order_and_does_not_check_existence(shard_dir):
     shards = list_shards(f"{shard_dir}/train-{{000003,000001,000009}}.tar")
     assert names(shards) == ["train-000003.tar", "train-000001.tar", "train-000009.tar"]
-    assert not os.path.exists(shards[2].url)  # surfaces later as an "open" error record
+    assert not os.path.exists(shards[2].url)  # surfaces when read: ShardUnavailable, retried, never committed
     ranged = list_shards(f"{shard_dir}/train-{{000000..000002}}.tar")
     assert names(ranged) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
 
@@ -124,9 +124,8 @@ def test_s3_brace_pattern_and_glob(s3_shards):
     assert [s.url for s in shards] == [f"{s3_shards.url}/data/train-{i:06d}.tar" for i in (2, 0, 5)]
     samples, errors = read_shard(shards[0], storage_options=options)
     assert [s.key for s in samples] == ["s2-000000", "s2-000001", "s2-000002"] and errors == []
-    missing_samples, (missing,) = read_shard(shards[2], storage_options=options)
-    assert missing_samples == []
-    assert (missing.shard, missing.key, missing.stage) == ("train-000005.tar", "", "open")
+    with pytest.raises(ShardUnavailable, match=r"train-000005.tar: cannot open"):
+        read_shard(shards[2], storage_options=options)
     globbed = list_shards(f"{s3_shards.url}/data/*.tar", storage_options=options)
     assert names(globbed) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
 

@@ -93,3 +93,11 @@ def test_query_gradients_match_finite_differences(micro_pretrained, digits_corpu
     minus = task.unflatten(task.flatten(task.params) - eps * v)
     fd = (query.loss(task, plus) - query.loss(task, minus)) / (2 * eps)
     torch.testing.assert_close(g @ v, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_auto_dtype_is_float64_only_where_it_costs_little():
+    from ecif_ray.influence.settings import resolve_dtype
+
+    assert resolve_dtype("auto", "heads") == "float64"
+    assert {resolve_dtype("auto", kind) for kind in ("lora", "last-k", "all")} == {"float32"}
+    assert resolve_dtype("float64", "lora") == "float64" and resolve_dtype("float32", "heads") == "float32"

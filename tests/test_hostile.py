@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ecif_ray.cli import main
-from ecif_ray.data.samples import ErrorRecord, ReadLimits, Sample, read_shard
+from ecif_ray.data.samples import ErrorRecord, ReadLimits, Sample, ShardUnavailable, read_shard
 from ecif_ray.data.shards import Shard, list_shards
 from ecif_ray.models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint
 from ecif_ray.models.factory import create_model
@@ -68,7 +68,7 @@ def test_directory_and_glob_list_symlinked_shards(tmp_path, wds):
     root = tmp_path / "shards"
     wds.write_shard(root / "train-000000.tar", 2)
     (root / "train-000001.tar").symlink_to(elsewhere / "real-000001.tar")
-    (root / "train-000002.tar").symlink_to(elsewhere / "gone.tar")  # dangling: listed, read as an open error
+    (root / "train-000002.tar").symlink_to(elsewhere / "gone.tar")  # dangling: listed, fails when read
     (root / "train-000003.tar").symlink_to(elsewhere / "dir.tar")  # a directory: not a shard
 
     expected = ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
@@ -77,8 +77,8 @@ def test_directory_and_glob_list_symlinked_shards(tmp_path, wds):
     linked = list_shards(str(root))[1]
     assert linked.url == str(root / "train-000001.tar")  # read through the link, named after it
     assert [s.key for s in read_shard(linked)[0]] == ["000000", "000001"]
-    _, [error] = read_shard(list_shards(str(root))[2])
-    assert (error.shard, error.stage) == ("train-000002.tar", "open")
+    with pytest.raises(ShardUnavailable, match=r"train-000002.tar: cannot open"):
+        read_shard(list_shards(str(root))[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +241,23 @@ def test_tampered_arch_cannot_point_outside_the_checkpoint(ckpt, tmp_path):
     assert load_checkpoint(ckpt, trusted_arch=f"local-dir:{outside}").meta.arch == f"local-dir:{outside}"
 
 
+def test_score_loads_a_named_model_source_only_when_the_user_trusts_it(ckpt, digits_corpus, tmp_path, capsys):
+    from ecif_ray.config import ScoreConfig
+    from ecif_ray.pipeline.prepare import prepare
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    config = json.loads((Path(__file__).parents[1] / "ecif_ray/models/model_configs/ecif-micro.json").read_text())
+    (outside / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    edit_meta(ckpt, arch=f"local-dir:{outside}", training={"n_pairs": 128})
+    argv = ["score", "--ckpt", str(ckpt), "--train", str(digits_corpus / "train"), "--out", str(tmp_path / "run"),
+            "--queries", "task", "--test", str(digits_corpus / "test")]
+    assert main(argv) == 2 and "trusted_arch" in capsys.readouterr().err
+    fields = {"ckpt": str(ckpt), "train": str(digits_corpus / "train"), "out": str(tmp_path / "run"),
+              "queries": ["task"], "test": str(digits_corpus / "test")}
+    assert prepare(ScoreConfig(**fields, trusted_arch=f"local-dir:{outside}")).checkpoint.arch == f"local-dir:{outside}"
+
+
 def test_pickled_weights_are_refused_naming_the_file(ckpt):
     weights = ckpt / "model.safetensors"
     state = {k: v.clone() for k, v in load_file(weights).items()}  # not views of the file we overwrite
@@ -378,3 +395,102 @@ def test_file_name_escape_is_one_to_one():
     stems = [shard_file_stem(i) for i in ids]
     assert len(set(stems)) == len(ids) and not any(s.startswith((".", "_")) for s in stems)
     assert shard_file_stem("train-000003.tar") == "train-000003.tar"  # ordinary ids keep their names
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: requests the cluster cannot place; 6: an --out that cannot be written; bad query samples
+
+
+def score_argv(ckpt: Path, corpus: Path, out: Path | str, *flags: str) -> list[str]:
+    return ["score", "--ckpt", str(ckpt), "--train", str(corpus / "train"), "--val", str(corpus / "val"),
+            "--out", str(out), "--curvature-segments", "4", "--no-progress", *flags]
+
+
+@pytest.mark.parametrize("flags", [("--workers", "9"), ("--threads-per-worker", "8")])
+def test_a_request_the_cluster_cannot_place_is_refused_naming_the_flag(ray_cluster, heads_ckpt, digits_corpus,
+                                                                       tmp_path, capsys, flags):
+    """The session cluster has 4 CPUs: 9 workers, or one worker of 8 threads, would wait forever."""
+    code = main(score_argv(heads_ckpt, digits_corpus, tmp_path / "run", *flags))
+    err = capsys.readouterr().err
+    assert code == 2 and " ".join(flags) in err and "4 CPUs" in err
+
+
+def test_actor_capacity_counts_whole_actors_per_node():
+    from ecif_ray.pipeline.pool import actor_capacity
+
+    nodes = [{"CPU": 4.0}, {"CPU": 3.0, "GPU": 1.0}]
+    assert actor_capacity(nodes, cpus=2, gpus=0) == 2 + 1
+    assert actor_capacity(nodes, cpus=1, gpus=0.5) == 2  # only the GPU node, two half-GPU actors
+    assert actor_capacity(nodes, cpus=5, gpus=0) == 0
+
+
+def test_an_out_that_is_a_file_or_cannot_be_written_is_refused_before_the_cluster(heads_ckpt, digits_corpus,
+                                                                                   tmp_path, capsys):
+    from ecif_ray.config import ScoreConfig
+    from ecif_ray.pipeline.prepare import prepare
+
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a run")
+    for out, says in ((taken, "is a file"), (taken / "run", "cannot write there")):
+        config = ScoreConfig(ckpt=str(heads_ckpt), train=str(digits_corpus / "train"),
+                             val=str(digits_corpus / "val"), out=str(out))
+        with pytest.raises(ValueError, match=re.escape(f"out: {out}") + ".*" + says):
+            prepare(config)  # what run_score does first, before any cluster
+        assert main(score_argv(heads_ckpt, digits_corpus, out)) == 2
+        err = capsys.readouterr().err
+        assert str(out) in err and says in err and len(err.strip().splitlines()) == 1
+    assert taken.read_text() == "not a run"
+
+
+def test_a_bad_sample_of_the_validation_set_is_an_errors_row_and_in_the_summary(ray_cluster, score_config, wds,
+                                                                               digits_corpus, tmp_path, capsys):
+    from ecif_ray.pipeline import EXIT_INPUT_ERRORS, run_score
+    from ecif_ray.pipeline.progress import format_summary
+
+    val = tmp_path / "val"
+    val.mkdir()
+    for shard in (digits_corpus / "val").iterdir():
+        (val / shard.name).write_bytes(shard.read_bytes())
+    png = wds.image_bytes()
+    wds.write_tar(val / "val-bad.tar", [*wds.sample_members("fine", "a photo of a 3.", png),
+                                        ("blank.png", png), ("blank.txt", b"  ")])
+    result = run_score(score_config(tmp_path / "run", val=str(val), workers=1))
+    assert result.exit_code == EXIT_INPUT_ERRORS
+    rows = connect(str(tmp_path / "run")).sql("SELECT shard, key, stage, message FROM errors").fetchall()
+    assert [(s, k, st) for s, k, st, _ in rows] == [("val-bad.tar", "blank", "query")]
+    assert "caption" in rows[0][3] and "left out of the query" in rows[0][3]
+    assert result.manifest.counts["errors_by_stage"] == {"query": 1} and result.manifest.counts["errors"] == 1
+    assert "query 1" in format_summary(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: limits reach the workers; a shard is streamed, not held
+
+
+def test_limits_set_in_the_config_reach_the_workers(ray_cluster, score_config, tmp_path):
+    from ecif_ray.pipeline import run_score
+
+    result = run_score(score_config(tmp_path / "run", workers=1, limits={"max_caption_chars": 9}))
+    captions = [c for (c,) in connect(str(tmp_path / "run")).sql("SELECT caption FROM pairs").fetchall()]
+    assert len(captions) == result.manifest.counts["pairs"] > 0
+    assert max(len(c) for c in captions) == 9 and result.manifest.score_inputs["limits"]["max_caption_chars"] == 9
+    assert main(["score", "--max-caption-chars", "0", "--ckpt", "x", "--train", "y", "--out", "z"]) == 2
+
+
+def test_a_decoding_pool_runs_a_bounded_way_ahead_of_the_reader():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ecif_ray.data.samples import _ordered_map
+
+    taken = []
+
+    def items():
+        for i in range(100):
+            taken.append(i)
+            yield i
+
+    with ThreadPoolExecutor(4) as pool:
+        stream = _ordered_map(pool, lambda x: x * x, items(), ahead=8)
+        assert [next(stream) for _ in range(3)] == [0, 1, 4]
+        assert len(taken) <= 8 + 3  # not the whole shard
+        assert list(stream) == [i * i for i in range(3, 100)]

@@ -51,6 +51,7 @@ def test_report_is_self_contained_with_thumbnails_and_every_section(report, scor
     for section in SECTIONS:
         assert f'<section id="{section}">' in page, section
     assert "Positive ecif_is = harmful" in page and scored_run.run_id in page
+    assert 'id="near-chance"' not in page and "above chance" in page  # a trained model: no warning banner
     assert scored_run.manifest.checkpoint["sha256"] in page  # lineage
     # Self-contained: every image is inline, nothing points at a file or the network.
     sources = re.findall(r'<img [^>]*src="([^"]{0,40})', page)
@@ -70,6 +71,7 @@ def test_report_is_self_contained_with_thumbnails_and_every_section(report, scor
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs"] == 128 and summary["truth_missing"] == 0 and summary["trace_examples"] == 4
+    assert summary["model_check"]["near_chance"] is False
     assert [d["method"].split()[0] for d in summary["detection"]] == ["ECIF", "CLIP", "per-pair"]
     assert [row["rank"] for row in summary["top"]] == list(range(1, TOP + 1))
     ecif = [row["ecif_is"] for row in summary["top"]]

@@ -95,6 +95,9 @@ def test_cli_train_and_eval_json(digits_corpus, micro_pretrained, tmp_path, caps
     (["train", "--train", "x", "--arch", "ecif-micro", "--out", "o", "--segment-size", "1"], "--segment-size"),
     (["train", "--train", "x", "--arch", "ecif-micro", "--out", "o", "--lora-rank", "0"], "--lora-rank"),
     (["train", "--train", "x", "--arch", "ecif-micro", "--out", "o", "--params", "bogus"], "--params"),
+    (["train", "--train", "x", "--arch", "ecif-micro", "--out", "o", "--min-steps", "-1"], "--min-steps"),
+    (["train", "--train", "x", "--arch", "ecif-micro", "--out", "o", "--segments-per-step", "0"],
+     "--segments-per-step"),
     (["train", "--train", "x", "--out", "o"], "--arch"),
     (["eval", "--ckpt", "/nonexistent", "--test", "x"], "/nonexistent"),
 ])

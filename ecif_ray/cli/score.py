@@ -1,7 +1,7 @@
 """`ecif-ray score`: distributed ECIF scoring of a corpus into Parquet influence tables.
 
 The flags are generated from ``ScoreConfig`` (``cli.config_flags``): one per field, nested
-``solver``/``trace`` fields as the flat flags below.
+``solver``/``trace``/``limits`` fields as the flat flags below.
 
 Exit status: 0 every input scored; 2 refused up front (bad argument, config, checkpoint, or a run
 directory made with another config); 3 complete, but some inputs became ``errors`` rows; 4 some
@@ -23,6 +23,8 @@ SECTION_FLAGS = {  # the nested fields that have flags, and their names
                FieldFlag(("solver", "nystrom_rank"), "--nystrom-rank")),
     "trace": (FieldFlag(("trace", "examples"), "--trace", metavar="N"),
               FieldFlag(("trace", "top_k"), "--trace-top-k")),
+    "limits": tuple(FieldFlag(("limits", name), "--" + name.replace("_", "-"))
+                    for name in ("max_member_bytes", "max_image_pixels", "max_caption_chars")),
 }
 FLAGS = [flag for field in top_level_flags(ScoreConfig) for flag in SECTION_FLAGS.get(field.dest, (field,))]
 
@@ -46,14 +48,14 @@ def config_from(args: argparse.Namespace) -> ScoreConfig:
 
 def _run_score(args: argparse.Namespace) -> int:
     from ecif_ray.pipeline import run_score
-    from ecif_ray.pipeline.pool import WorkerFailure
+    from ecif_ray.pipeline.pool import RunInterrupted
     from ecif_ray.pipeline.progress import format_summary
     from ecif_ray.pipeline.results import EXIT_INCOMPLETE
 
     config = config_from(args)
     try:
         result = run_score(config)
-    except WorkerFailure as exc:
+    except RunInterrupted as exc:
         print(f"ecif-ray score: error: {exc}; rerun to resume", file=sys.stderr)
         return EXIT_INCOMPLETE
     if args.json:

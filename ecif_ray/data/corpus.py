@@ -44,6 +44,7 @@ from ecif_ray.data.prompts import CAPTION_TEMPLATES, caption_for
 __all__ = [
     "DEFAULT_SIZES",
     "NOISE_KINDS",
+    "RANDOM_NOISE_KINDS",
     "SPLITS",
     "CorpusSpec",
     "CorpusSummary",
@@ -53,7 +54,8 @@ __all__ = [
     "shard_name",
 ]
 
-NOISE_KINDS: tuple[str, ...] = ("swap-class", "swap-pair")
+RANDOM_NOISE_KINDS: tuple[str, ...] = ("swap-class", "swap-pair")  # noise a model does not learn
+NOISE_KINDS: tuple[str, ...] = (*RANDOM_NOISE_KINDS, "substitute")  # + systematic noise it does learn
 SPLITS: tuple[str, ...] = ("pretrain", "train", "val", "test")
 
 # Defaults leave room in each dataset's pool (digits: 600 + 600 + 200 + 397 = all 1,797 images).
@@ -89,8 +91,12 @@ class CorpusSpec:
     """What to build. Sizes left as ``None`` take the dataset's default (:data:`DEFAULT_SIZES`).
 
     ``noise`` is the fraction of the train split whose caption is made wrong; ``noise_kind``
-    says how (see :data:`NOISE_KINDS`). ``overwrite`` allows replacing an earlier corpus in
-    ``out``; without it an existing corpus is refused rather than silently mixed with new shards.
+    says how (see :data:`NOISE_KINDS`). ``substitute`` is systematic noise a model learns: for
+    each ``(source, target)`` class pair of ``substitutions``, a ``noise`` fraction of the
+    source class's train pairs are captioned as the target (a shop's alt-text naming the
+    neighbouring product); the random kinds ignore ``substitutions``. ``overwrite`` allows
+    replacing an earlier corpus in ``out``; without it an existing corpus is refused rather than
+    silently mixed with new shards.
     """
 
     dataset: str
@@ -104,6 +110,7 @@ class CorpusSpec:
     val_size: int | None = None
     test_size: int | None = None
     overwrite: bool = False
+    substitutions: tuple[tuple[str, str], ...] = ()  # (source class, target class) names, for "substitute"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -112,6 +119,13 @@ class CorpusSpec:
             raise ValueError(f"noise: must be a fraction in [0, 1), got {self.noise!r}")
         if self.noise_kind not in NOISE_KINDS:
             raise ValueError(f"noise_kind: unknown {self.noise_kind!r}; choose one of {', '.join(NOISE_KINDS)}")
+        if (self.noise_kind == "substitute") != bool(self.substitutions):
+            raise ValueError("substitutions: give SRC=DST class pairs exactly when noise_kind is 'substitute'")
+        for source, target in self.substitutions:
+            if source == target:
+                raise ValueError(f"substitutions: {source}={target} substitutes a class by itself")
+        if len({source for source, _ in self.substitutions}) != len(self.substitutions):
+            raise ValueError("substitutions: each source class may be substituted once")
         if not (isinstance(self.shard_size, int) and self.shard_size >= 1):
             raise ValueError(f"shard_size: must be a positive integer, got {self.shard_size!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -127,7 +141,7 @@ class CorpusSpec:
         return {s: defaults[s] if getattr(self, f"{s}_size") is None else getattr(self, f"{s}_size") for s in SPLITS}
 
     def to_json(self) -> dict:
-        return {**asdict(self), "out": str(self.out)}
+        return {**asdict(self), "out": str(self.out), "substitutions": [list(p) for p in self.substitutions]}
 
 
 @dataclass
@@ -185,7 +199,11 @@ def build_corpus(spec: CorpusSpec, progress: bool = True) -> CorpusSummary:
 
     picks = _split_indices(data, sizes, rng_split)
     captions = {s: _clean_captions(data.labels[picks[s]], rng_template) for s in SPLITS}
-    _inject_noise(spec, data.labels[picks["train"]], captions["train"], len(data.class_names), rng_noise)
+    if spec.noise_kind == "substitute":
+        _substitute(data.labels[picks["train"]], captions["train"], class_pairs(spec, data.class_names), spec.noise,
+                    rng_noise)
+    else:
+        _inject_noise(spec, data.labels[picks["train"]], captions["train"], len(data.class_names), rng_noise)
 
     out = Path(spec.out)
     _prepare_out(out, spec.overwrite)
@@ -273,6 +291,28 @@ def _inject_noise(
         _swap_class(rng.choice(labels.shape[0], size=n, replace=False), captions, num_classes, rng)
     else:
         _swap_pair(labels, n, captions, num_classes, rng)
+
+
+def class_pairs(spec: CorpusSpec, class_names: list[str] | tuple[str, ...]) -> list[tuple[int, int]]:
+    """The substitutions as (source, target) label indices; unknown names are refused, listing the classes."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for pair in spec.substitutions for name in pair if name not in index]
+    if unknown:
+        raise ValueError(f"substitutions: unknown class {unknown[0]!r} for {spec.dataset}; classes: "
+                         + ", ".join(class_names))
+    return [(index[source], index[target]) for source, target in spec.substitutions]
+
+
+def _substitute(labels: np.ndarray, captions: tuple[np.ndarray, np.ndarray], pairs: list[tuple[int, int]],
+                fraction: float, rng: np.random.Generator) -> None:
+    """For each (source, target): caption ``round(fraction · n_source)`` random source-class pairs as
+    the target class (random template), in place."""
+    caption_label, template = captions
+    for source, target in pairs:
+        members = np.flatnonzero(labels == source)
+        chosen = rng.choice(members, size=misaligned_count(fraction, members.size), replace=False)
+        caption_label[chosen] = target
+        template[chosen] = rng.integers(0, len(CAPTION_TEMPLATES), size=chosen.size)
 
 
 def _swap_class(

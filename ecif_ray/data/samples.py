@@ -9,7 +9,6 @@ stop on it nor drop it silently, so :func:`iter_shard` turns each problem into a
 =========  ==========================================================================
 stage      cause
 =========  ==========================================================================
-open       the shard cannot be opened (missing, permission denied); key is ""
 read       the tar is corrupt or truncated, including a tar cut short exactly at a member
            boundary (its end-of-archive marker, two zero blocks, is missing); key is the
            last key seen ("" if none; that sample is dropped, its members may be
@@ -25,6 +24,12 @@ caption    no caption, empty caption, caption not UTF-8 (or a JSON string holdin
 duplicate  a key seen before in the same shard; the first occurrence is kept
 =========  ==========================================================================
 
+A shard the *storage* fails to deliver is different: it cannot be opened (missing, permission
+denied, endpoint down), or a read fails in the filesystem or network layer (a connection reset,
+a timeout) rather than in the tar's bytes. Nothing is known to be wrong with the input, so no
+record is made: :class:`ShardUnavailable` is raised, the pipeline retries the shard and never
+commits it unread, and a rerun tries it again.
+
 Each bad sample gets exactly one record: the first problem found, checked in the order
 key, member size, image present, .json, caption, image size, image decoding. Output order is
 tar order, so it is deterministic. Every text an :class:`ErrorRecord` carries is valid UTF-8, so
@@ -34,7 +39,9 @@ keeps a runaway caption out of the tables.
 
 Decoding may run on a thread pool (``pool``): the tar is still read in order on the calling
 thread, each group is decoded on the pool (Pillow releases the GIL while it decodes), and the
-results come back in tar order, so the output is the same with or without a pool.
+results come back in tar order, so the output is the same with or without a pool. The pool runs
+at most ``DECODE_AHEAD`` groups ahead of the consumer, so streaming a shard holds a bounded number
+of decoded images whatever the shard's size.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
-from concurrent.futures import Executor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor, Future
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -56,7 +64,8 @@ from ecif_ray.data.shards import Shard, open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 CAPTION_JSON_FIELDS = ("caption", "text")
-STAGES = ("open", "read", "key", "limit", "image", "caption", "duplicate")
+STAGES = ("read", "key", "limit", "image", "caption", "duplicate")
+DECODE_AHEAD = 32  # groups a decoding pool may run ahead of the consumer (bounds memory)
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: __key__ etc. are not data
 _MEMBER_NAME_ENCODING = "utf-8"  # tar member names are decoded as UTF-8, bad bytes as surrogate escapes
 
@@ -83,6 +92,33 @@ class ReadLimits:
 
 
 DEFAULT_LIMITS = ReadLimits()
+
+
+# Failures of the storage, not of the bytes it delivered: retried, never recorded as bad input.
+_STORAGE_ERRORS = (ConnectionError, TimeoutError, FileNotFoundError, PermissionError, InterruptedError)
+_STORAGE_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "s3fs", "gcsfs", "adlfs")
+
+
+class ShardUnavailable(Exception):
+    """The storage did not deliver a shard (it cannot be opened, or a read failed below the tar
+    format); the message names the shard and the cause. Transient as far as anyone can tell:
+    retry it, never commit it."""
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything in its cause chain) is a filesystem or network failure rather than
+    bad bytes: tarfile and gzip wrap the stream's own errors (``ReadError("not a gzip file")`` from a
+    connection reset), so the chain is followed. An OSError with an errno is the operating system's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _STORAGE_ERRORS) or type(current).__module__.split(".")[0] in _STORAGE_MODULES:
+            return True
+        if isinstance(current, OSError) and current.errno is not None:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def safe_text(text: str) -> str:
@@ -158,15 +194,14 @@ class _Reject(Exception):
 
 def iter_shard(shard: Shard, storage_options: Mapping[str, Any] | None = None,
                pool: Executor | None = None, *, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Sample | ErrorRecord]:
-    """Stream one shard's samples and error records in tar order, never raising on bad input.
-    With ``pool`` the whole shard is read before the first item comes back (decoded in parallel)."""
+    """Stream one shard's samples and error records in tar order, never raising on bad input; raises
+    :class:`ShardUnavailable` when the storage fails. With ``pool``, up to ``DECODE_AHEAD`` groups are
+    decoded in parallel ahead of the consumer."""
     with ExitStack() as stack:
         try:
             fileobj = stack.enter_context(open_shard(shard, storage_options))
-        except Exception as exc:  # any filesystem's failure to open is an input problem
-            message = f"shard {shard.name}: cannot open {shard.url}: {type(exc).__name__}: {exc}"
-            yield ErrorRecord(shard.name, "", "open", type(exc).__name__, message)
-            return
+        except Exception as exc:  # whatever the filesystem, a shard that cannot be opened was not read
+            raise ShardUnavailable(f"shard {shard.name}: cannot open {shard.url}: {type(exc).__name__}: {exc}") from exc
         groups = _read_groups(shard.name, fileobj, limits.max_member_bytes)
         yield from _decode_groups(shard.name, groups, pool, limits)
 
@@ -191,7 +226,19 @@ def _decode_groups(shard: str, items: Iterator[_Group | ErrorRecord], pool: Exec
         return item if isinstance(item, ErrorRecord) else _decode(shard, *item, limits)
 
     numbered = _number_groups(shard, items)
-    yield from (pool.map(decode, numbered) if pool is not None else map(decode, numbered))
+    yield from (_ordered_map(pool, decode, numbered, DECODE_AHEAD) if pool is not None else map(decode, numbered))
+
+
+def _ordered_map(pool: Executor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int) -> Iterator[Any]:
+    """``pool.map(fn, items)`` that submits at most ``ahead`` items before their results are taken
+    (``Executor.map`` submits the whole iterable at once: a whole shard of decoded images)."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _number_groups(shard: str, items: Iterator[_Group | ErrorRecord]) -> Iterator[tuple[int, _Group] | ErrorRecord]:
@@ -340,6 +387,8 @@ def _read_groups(shard: str, fileobj: IO[bytes],
                 current.members[ext] = member.read()
     except Exception as exc:  # tarfile, decompressors and filesystems raise many types
         where = f", at key {last_key!r}" if last_key else ""
+        if is_storage_failure(exc):
+            raise ShardUnavailable(f"shard {shard}: reading failed{where}: {type(exc).__name__}: {exc}") from exc
         message = f"shard {shard}: tar is unreadable{where}: {type(exc).__name__}: {exc}"
         yield ErrorRecord(shard, last_key, "read", type(exc).__name__, message)
         return

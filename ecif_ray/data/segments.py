@@ -21,7 +21,7 @@ from PIL import Image
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.features import TrunkFeatures
-from ecif_ray.data.samples import ErrorRecord, Sample, read_shard
+from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits, Sample, iter_shard
 from ecif_ray.data.shards import Shard, ShardSpec, list_shards
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -117,19 +117,30 @@ def exclude_from_segments(segments: Iterable[Segment], exclude: ExclusionSet | N
     return kept
 
 
-def shard_segments(
+def stream_segments(
     shard: Shard,
     *,
     segment_size: int,
     exclude: ExclusionSet | None = None,
     storage_options: Mapping[str, Any] | None = None,
     pool: Executor | None = None,
-) -> tuple[list[Segment], list[ErrorRecord]]:
-    """Read one shard and form its segments (segment first, then exclude); plus its error records.
-    ``pool``: threads that decode the images (the result is the same without)."""
-    samples, errors = read_shard(shard, storage_options, pool)
-    segments = exclude_from_segments(segment_samples(samples, segment_size), exclude)
-    return segments, errors
+    limits: ReadLimits = DEFAULT_LIMITS,
+    errors: list[ErrorRecord] | None = None,
+) -> Iterator[Segment]:
+    """One shard's segments as they are read (segment first, then exclude): at most one segment and
+    the decoder's read-ahead are held, whatever the shard's size. Bad inputs are appended to
+    ``errors`` as they are met; a storage failure raises ``ShardUnavailable`` (the segments already
+    yielded must then be discarded by the caller)."""
+
+    def good_samples() -> Iterator[Sample]:
+        for item in iter_shard(shard, storage_options, pool, limits=limits):
+            if isinstance(item, Sample):
+                yield item
+            elif errors is not None:
+                errors.append(item)
+
+    for segment in segment_samples(good_samples(), segment_size):
+        yield from exclude_from_segments([segment], exclude)
 
 
 def collate_segment(segment: Segment, preprocess: Preprocess, tokenizer: Tokenizer,
@@ -168,16 +179,13 @@ def iter_segments(
     exclude: ExclusionSet | None = None,
     storage_options: Mapping[str, Any] | None = None,
     errors: list[ErrorRecord] | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> Iterator[PairBatch]:
-    """Stream collated segments shard by shard (one shard in memory at a time); bad inputs are
-    appended to ``errors`` when given."""
+    """Stream collated segments shard by shard, segment by segment; bad inputs are appended to
+    ``errors`` when given."""
     for shard in _as_shards(spec, storage_options):
-        segments, shard_errors = shard_segments(
-            shard, segment_size=segment_size, exclude=exclude, storage_options=storage_options
-        )
-        if errors is not None:
-            errors.extend(shard_errors)
-        for segment in segments:
+        for segment in stream_segments(shard, segment_size=segment_size, exclude=exclude,
+                                       storage_options=storage_options, limits=limits, errors=errors):
             yield collate_segment(segment, preprocess, tokenizer)
 
 
@@ -189,17 +197,18 @@ def load_segments(
     tokenizer: Tokenizer,
     exclude: ExclusionSet | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> tuple[list[PairBatch], list[ErrorRecord]]:
     """Read every shard into collated batches, in shard order then segment order.
 
     Everything is held in memory: meant for small corpora (fine-tuning the tiny models, tests,
-    the curvature sample). The scoring pass works shard by shard with :func:`shard_segments`.
+    the curvature sample). The scoring pass streams shard by shard with :func:`stream_segments`.
     """
     if segment_size < 1:
         raise ValueError(f"segment size must be >= 1, got {segment_size}")
     errors: list[ErrorRecord] = []
     batches = list(iter_segments(spec, segment_size=segment_size, preprocess=preprocess, tokenizer=tokenizer,
-                                 exclude=exclude, storage_options=storage_options, errors=errors))
+                                 exclude=exclude, storage_options=storage_options, errors=errors, limits=limits))
     return batches, errors
 
 

@@ -8,8 +8,9 @@ Two kinds of spec are distinguished on purpose:
 
 * names spelled out by the user (a single ``.tar`` path, a brace pattern such as
   ``s3://b/train-{000000..000127}.tar``) are taken as given, without touching storage. Checking
-  100k objects on S3 up front would be slow, and a missing shard is reported later, when it is
-  read, as an ``open`` error record (the run goes on);
+  100k objects on S3 up front would be slow, and a missing shard is found when it is read: it is
+  retried, never committed, reported as a failed shard (the run goes on, exits 4, and a rerun
+  tries it again);
 * patterns that *search* (a directory, a glob) must match at least one shard, otherwise the spec
   is almost certainly wrong and is refused with :class:`ShardListingError`.
 """
@@ -114,8 +115,8 @@ def _is_shard_file(fs: fsspec.AbstractFileSystem, info: Mapping[str, Any]) -> bo
     """A file, or a symbolic link that does not point to a directory.
 
     fsspec reports a local symlink as type "other" whatever it points to. A link to a file is a
-    shard, named after the link; a dangling link is listed too, so that reading it reports an
-    ``open`` error instead of the shard vanishing silently.
+    shard, named after the link; a dangling link is listed too, so that reading it fails the shard
+    (reported, never committed) instead of the shard vanishing silently.
     """
     if info["type"] == "file":
         return True

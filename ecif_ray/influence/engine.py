@@ -40,6 +40,7 @@ from ecif_ray.influence.queries import ExampleQuery, QueryGradients, stack_queri
 from ecif_ray.influence.rows import scores_to_arrow
 from ecif_ray.influence.sample import DEFAULT_MEMORY_MB, max_segments, plan_in_memory
 from ecif_ray.influence.scoring import score_segment
+from ecif_ray.influence.settings import AnalysisDType, resolve_dtype
 from ecif_ray.influence.solvers import Matvec, NystromPreconditioner
 from ecif_ray.influence.task import InfluenceTask, SegmentStack
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, curvature_basis, mispredicted, trace_segment
@@ -76,15 +77,15 @@ class ECIF:
                         curvature_shards: int = DEFAULT_CURVATURE_SHARDS, curvature_seed: int = 0,
                         curvature_memory_mb: int = DEFAULT_MEMORY_MB, negative_term: NegativeTerm = "exact",
                         solver: SolverSettings = DEFAULT_SOLVER, damping: Damping = "exact",
-                        dtype: str = "float64", device: str = "cpu",
+                        dtype: AnalysisDType = "auto", device: str = "cpu", trusted_arch: str | None = None,
                         storage_options: dict | None = None) -> ECIF:
         """Load θ̂ and the training segments (in memory: for corpora that fit; use the pipeline beyond).
 
         The curvature sample and its defaults are the pipeline's (``ecif-ray score``): every segment up
         to the memory cap, else ``curvature_segments`` drawn by the same planner. ``damping``: δ of the
         analysis — ``exact`` (the checkpoint's), ``auto`` or a number (docs/concepts.md)."""
-        checkpoint = load_checkpoint(ckpt, device)
-        checkpoint.model.to(getattr(torch, dtype))
+        checkpoint = load_checkpoint(ckpt, device, trusted_arch=trusted_arch)
+        checkpoint.model.to(getattr(torch, resolve_dtype(dtype, checkpoint.meta.param_subset.kind)))
         shards = list_shards(train, storage_options)
         batches, _ = load_segments(shards, segment_size=checkpoint.meta.segment_size,
                                    preprocess=checkpoint.bundle.preprocess, tokenizer=checkpoint.bundle.tokenizer,

@@ -10,6 +10,17 @@ if TYPE_CHECKING:
     import torch
 
 Preconditioner = Literal["none", "nystrom", "dense"]
+AnalysisDType = Literal["auto", "float32", "float64"]
+
+
+def resolve_dtype(dtype: AnalysisDType, subset_kind: str) -> Literal["float32", "float64"]:
+    """``auto``: float64 where it costs little, float32 elsewhere. With the heads subset every
+    derivative runs on two linear maps over cached trunk features, and float64 cost 2.5× float32
+    end to end (heads, 10k pairs: 19.9 s vs 7.8 s, BENCHMARKS.md); with LoRA, last-k or all the
+    tail holds transformer blocks and float64 cost 3.4× (LoRA, 4k pairs: 1,215 s vs 353 s)."""
+    if dtype != "auto":
+        return dtype
+    return "float64" if subset_kind == "heads" else "float32"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Ray is imported only by the modules that need it, and only once there is work to
 """
 
 from ecif_ray.pipeline.results import EXIT_BAD_CONFIG, EXIT_INCOMPLETE, EXIT_INPUT_ERRORS, EXIT_OK, ScoreResult
-from ecif_ray.pipeline.run import RunMismatch, run_score
+from ecif_ray.pipeline.run import RunLocked, RunMismatch, run_score
 
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_INCOMPLETE", "EXIT_INPUT_ERRORS", "EXIT_OK", "RunMismatch", "ScoreResult",
-           "run_score"]
+__all__ = ["EXIT_BAD_CONFIG", "EXIT_INCOMPLETE", "EXIT_INPUT_ERRORS", "EXIT_OK", "RunLocked", "RunMismatch",
+           "ScoreResult", "run_score"]

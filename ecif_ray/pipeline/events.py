@@ -65,8 +65,7 @@ class ShardSubmitted:
 class ShardProgress:
     shard: str
     attempt: int
-    segments_done: int
-    segments_total: int
+    segments_done: int  # so far (a shard is streamed: its total is known when it commits)
     pairs_done: int
 
 

@@ -15,13 +15,14 @@ from ecif_ray.influence.sample import CurvaturePlanner, max_segments
 from ecif_ray.influence.traceback import CurvatureBasis
 from ecif_ray.pipeline import solve
 from ecif_ray.pipeline.events import DirectionsReady, Listener, WorkersReady
-from ecif_ray.pipeline.pool import WorkerPool, plan_pool, ray_session
+from ecif_ray.pipeline.pool import RetryPolicy, WorkerPool, plan_pool, ray_session
 from ecif_ray.pipeline.prepare import Prepared, checkpoint_files
 from ecif_ray.pipeline.results import PassResult
 from ecif_ray.pipeline.scheduler import ShardScheduler
 from ecif_ray.pipeline.shard import ShardJob
 from ecif_ray.pipeline.worker import QuerySpec, WorkerSettings
 from ecif_ray.tables.directions import DirectionsMeta, load_directions, save_directions
+from ecif_ray.tables.rows import QUERY_INPUTS, error_rows
 from ecif_ray.tables.store import RunStore
 
 
@@ -33,7 +34,7 @@ def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
         t0 = time.perf_counter()
         size = plan_pool(cfg.workers, cfg.num_gpus_per_worker, cfg.threads_per_worker, cfg.max_worker_failures)
         pool = WorkerPool(ray.put(checkpoint_files(prep.checkpoint_dir)), worker_settings(prep, size.num_gpus > 0),
-                          size)
+                          size, RetryPolicy(cfg.max_attempts, cfg.retry_backoff_s), cfg.start_timeout_s)
         try:
             info = pool.start(min(size.workers, len(pending)))
             result.timings["startup_s"] = round(time.perf_counter() - t0, 3)
@@ -51,7 +52,7 @@ def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
             t2 = time.perf_counter()
             basis_ref = None if basis is None else ray.put((basis.U.numpy(), basis.eigenvalues.numpy(), basis.delta))
             arrays = (ray.put(directions.vectors.numpy()), basis_ref)  # put once, shared by every task
-            scheduler = ShardScheduler(pool, job_factory(prep, directions, meta), arrays, cfg.max_attempts, emit,
+            scheduler = ShardScheduler(pool, job_factory(prep, directions, meta), arrays, pool.retry, emit,
                                        failure_writer(prep, directions, meta))
             outcome = scheduler.run(pending)
             result.timings["scoring_s"] = round(time.perf_counter() - t2, 3)
@@ -66,10 +67,11 @@ def execute(prep: Prepared, pending: list[Shard], emit: Listener) -> PassResult:
 
 def worker_settings(prep: Prepared, use_gpu: bool) -> WorkerSettings:
     cfg, ckpt = prep.config, prep.checkpoint
-    return WorkerSettings(out=prep.store.url, dtype=cfg.dtype, threads=cfg.threads_per_worker, use_gpu=use_gpu,
+    return WorkerSettings(out=prep.store.url, dtype=ckpt.dtype, threads=cfg.threads_per_worker, use_gpu=use_gpu,
                           n_train=ckpt.n_train, delta=ckpt.delta, negative_term=cfg.negative_term,
                           segment_size=ckpt.segment_size, ggn_chunk=cfg.solver.chunk, exclude=prep.exclude,
-                          storage_options=cfg.storage_options)
+                          storage_options=cfg.storage_options, limits=cfg.limits.read_limits(),
+                          trusted_arch=cfg.trusted_arch)
 
 
 def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
@@ -87,7 +89,7 @@ def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
                        cfg.curvature_memory_mb)
     segments = cap if cfg.curvature_segments is None else min(cfg.curvature_segments, cap)
     planner = CurvaturePlanner(prep.shards, segments, cfg.curvature_shards, cfg.curvature_seed)
-    space = solve.SolveSpace(dim=ckpt.dim, delta=ckpt.delta, dtype=getattr(torch, cfg.dtype))
+    space = solve.SolveSpace(dim=ckpt.dim, delta=ckpt.delta, dtype=getattr(torch, ckpt.dtype))
     rank = cfg.trace.rank if cfg.trace and queries.traced else None
     directions, sample, basis = solve.solve(pool, planner, queries, space, cfg.solver_settings(), cfg.damping, emit,
                                             rank)
@@ -99,6 +101,9 @@ def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
                  for name, loss in zip(queries.names, queries.losses) if name in queries.pairs},
         traced=queries.traced, basis_rank=None if basis is None else int(basis.U.shape[1]),
         query_input_errors=len(queries.errors))
+    if queries.errors:  # written before the directions: a run that has directions has these rows too
+        prep.store.write_table("errors", prep.run_id, QUERY_INPUTS, error_rows(queries.errors, stage="query"),
+                               lineage(prep, directions, meta))
     save_directions(prep.store, solve.directions_arrays(directions, basis), meta)
     saved = load_directions(prep.store, prep.fingerprint)
     assert saved is not None, "directions were just saved"
@@ -140,7 +145,7 @@ def lineage(prep: Prepared, directions: Directions, meta: DirectionsMeta) -> dic
         "arch": ckpt.arch, "param_subset": ckpt.param_subset, "delta": directions.settings["delta"],
         "training_delta": ckpt.delta, "damping": str(cfg.damping), "trunk": ckpt.trunk,
         "negative_term": cfg.negative_term, "n_train": ckpt.n_train, "segment_size": ckpt.segment_size,
-        "dtype": cfg.dtype, "queries": [n for n in directions.names if n not in meta.traced],
+        "dtype": ckpt.dtype, "queries": [n for n in directions.names if n not in meta.traced],
         "primary_query": directions.names[0], "traced_examples": len(meta.traced),
         "solver": {**cfg.solver.model_dump(), "tol": directions.settings["tol"], "iterations": directions.iterations,
                    "converged": directions.converged, "relative_residual": meta.relative_residual},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ecif_ray.config import ScoreConfig, digest
 from ecif_ray.data.exclusions import ExclusionSet, read_exclusions
 from ecif_ray.data.shards import Shard, list_shards
+from ecif_ray.influence.settings import resolve_dtype
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.models.checkpoint import (
     ANCHOR_FILE,
@@ -87,9 +89,24 @@ def prepare(config: ScoreConfig) -> Prepared:
                   segment_size=checkpoint.segment_size, n_train=checkpoint.n_train, delta=checkpoint.delta,
                   exclude=_exclusion_digest(exclude))
     fingerprint = digest(inputs)
-    return Prepared(config=config, store=RunStore(paths.out, so), shards=shards, val=val, test=test,
+    store = RunStore(paths.out, so)
+    check_writable(store)
+    return Prepared(config=config, store=store, shards=shards, val=val, test=test,
                     exclude=exclude, checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, score_inputs=inputs,
                     fingerprint=fingerprint, run_id=config.run_id or fingerprint[:12])
+
+
+def check_writable(store: RunStore) -> None:
+    """Refuse an ``out`` that is a file or cannot be written (permissions, a read-only bucket) before any
+    cluster starts, by writing and removing one probe file the way every table file is written."""
+    try:
+        if store.fs.isfile(store.root):
+            raise ValueError(f"out: {store.url} is a file; give a directory (new, or a run to resume)")
+        probe = f".write-probe-{uuid.uuid4().hex}"
+        store.put(probe, b"")
+        store.remove(probe)
+    except OSError as exc:
+        raise ValueError(f"out: {store.url}: cannot write there ({type(exc).__name__}: {exc})") from exc
 
 
 def fetch_checkpoint(url: str, storage_options: dict[str, Any] | None) -> Path:
@@ -110,7 +127,7 @@ def fetch_checkpoint(url: str, storage_options: dict[str, Any] | None) -> Path:
 
 def describe_checkpoint(path: Path, config: ScoreConfig) -> CheckpointInfo:
     """Load the checkpoint once (CPU) to refuse a broken one up front; keep what the run needs."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, trusted_arch=config.trusted_arch)
     meta = ckpt.meta
     n_train = config.n_train or meta.training.get("n_pairs")
     if not n_train:
@@ -120,13 +137,14 @@ def describe_checkpoint(path: Path, config: ScoreConfig) -> CheckpointInfo:
         if config.damping in ("exact", "auto"):
             raise ValueError("damping: the checkpoint was trained with δ = 0; set damping to a number > 0")
         delta = float(config.damping)
-    ckpt.model.to(getattr(torch, config.dtype))
+    dtype = resolve_dtype(config.dtype, meta.param_subset.kind)
+    ckpt.model.to(getattr(torch, dtype))
     task = InfluenceTask.from_checkpoint(ckpt, n_train=int(n_train), negative_term=config.negative_term,
                                          delta=delta)
     return CheckpointInfo(path=str(config.ckpt), sha256=checkpoint_fingerprint(path), arch=meta.arch,
                           param_subset=meta.param_subset.describe(), logit_scale=meta.logit_scale, delta=delta,
                           segment_size=config.segment_size or meta.segment_size, n_train=int(n_train),
-                          dim=task.dim, trunk=task.split.describe(), dtype=config.dtype)
+                          dim=task.dim, trunk=task.split.describe(), dtype=dtype)
 
 
 def checkpoint_files(path: Path) -> dict[str, bytes]:

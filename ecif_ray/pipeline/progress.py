@@ -114,8 +114,39 @@ def _memory_text(memory: dict[str, Any]) -> str:
             f"workers {workers} MiB")
 
 
+def near_chance_warning(check: dict[str, Any] | None) -> list[str]:
+    """The summary's warning line when the model is near chance (manifest ``model_check``)."""
+    if not check or not check.get("near_chance"):
+        return []
+    if check.get("val_loss") is not None:
+        why = (f"validation loss {check['val_loss']:.4g} per pair is {check['loss_ratio']:.2f} x chance "
+               f"({check['chance_loss']:.4g} = 2*log(segment size))")
+    else:
+        why = "its training ended near chance (checkpoint ecif.json training.near_chance)"
+    return [f"  WARNING   the model is near chance: {why}.",
+            "            It learned (almost) nothing, so these scores say nothing about the data: train it until it",
+            "            beats chance (ecif-ray train warns when it does not), then score again."]
+
+
+def model_lines(check: dict[str, Any] | None) -> list[str]:
+    """The summary's ``model`` line: the validation loss against chance, and the training warnings."""
+    if not check:
+        return []
+    if check.get("val_loss") is not None:
+        verdict = "NEAR CHANCE" if check.get("near_chance") else "above chance"
+        lines = [f"  model     val loss {check['val_loss']:.4g} per pair = {check['loss_ratio']:.2f} x chance "
+                 f"({check['chance_loss']:.4g}): {verdict}"]
+    else:
+        lines = [f"  model     {check.get('note', 'no validation loss measured')}"]
+    warnings = (check.get("training") or {}).get("warnings") or []
+    if warnings:
+        lines.append(f"  training  {len(warnings)} warning(s) recorded by ecif-ray train: {warnings[0]}")
+    return lines
+
+
 def format_summary(result: ScoreResult) -> str:
-    """The end-of-run report: counts, errors, top flagged pairs, time per pass, peak memory."""
+    """The end-of-run report: counts, errors, the model against chance (a warning first when it is near
+    chance), top flagged pairs, time per pass, peak memory."""
     m = result.manifest
     c, t = m.counts, m.timings
     stages = ", ".join(f"{k} {v}" for k, v in sorted(c.get("errors_by_stage", {}).items())) or "none"
@@ -123,11 +154,13 @@ def format_summary(result: ScoreResult) -> str:
     residual = max((solver.get("relative_residual") or {0: 0.0}).values())
     lines = [
         f"ecif-ray score: run {m.run_id} {m.status} (exit {result.exit_code}: {result.exit_reason})",
+        *near_chance_warning(getattr(m, "model_check", None)),
         f"  run dir   {result.out}",
         f"  shards    {c['shards']} total, {c['shards_scored']} scored now, {c['shards_skipped']} done earlier, "
         f"{c['shards_failed']} failed",
         f"  pairs     {c['pairs']} scored, {c['errors']} error rows ({stages})",
         f"  queries   {', '.join(m.queries)} (primary: {m.primary_query}; pairs.*_is > 0 = harmful)",
+        *model_lines(getattr(m, "model_check", None)),
         f"  solver    {solver.get('iterations')} CG iterations, residual {residual:.1e}, "
         f"{'converged' if solver.get('converged') else 'NOT converged'}"
         f"{', reused' if solver.get('reused') else ''}; curvature {m.curvature.get('segments')} segments / "

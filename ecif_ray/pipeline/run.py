@@ -5,8 +5,10 @@
 1. everything that can be checked without a cluster is checked (``pipeline.prepare``: config,
    checkpoint loaded once on CPU, shard specs, exclusions), so a bad run is refused before any
    cluster starts;
-2. the run directory is opened: a rerun with the same fingerprint resumes (committed shards are
-   skipped, saved directions reused); any other fingerprint is refused, naming what changed;
+2. the run directory's lease is taken (``tables.lease``; a live driver already on it is refused)
+   and the directory opened: a rerun with the same fingerprint resumes (committed shards are
+   skipped, saved directions reused, temp files of killed writers removed); any other fingerprint
+   is refused, naming what changed;
 3. only if shards remain (``pipeline.passes``): Ray is joined (``address``/``RAY_ADDRESS``) or
    started locally, the actor pool is built, directions are solved (or reused), and the shards are
    scored;
@@ -25,8 +27,9 @@ from ecif_ray.config import ScoreConfig
 from ecif_ray.pipeline.events import Emitter, Listener, RunFinished, RunStarted
 from ecif_ray.pipeline.prepare import Prepared, prepare
 from ecif_ray.pipeline.progress import ProgressDisplay
-from ecif_ray.pipeline.results import PassResult, ScoreResult, exit_status
+from ecif_ray.pipeline.results import PassResult, ScoreResult, checkpoint_training, exit_status, model_check
 from ecif_ray.pipeline.worker import peak_rss_bytes
+from ecif_ray.tables.lease import LeaseHeld, RunLease
 from ecif_ray.tables.manifest import Manifest, now, read_manifest, write_manifest
 from ecif_ray.tables.ranking import rank_trace, top_indices
 from ecif_ray.tables.store import ShardRecord
@@ -36,11 +39,23 @@ class RunMismatch(ValueError):
     """The run directory holds a run made with another configuration or checkpoint."""
 
 
+class RunLocked(RunMismatch):
+    """Another driver is running on the run directory (its lease is live)."""
+
+
 def run_score(config: ScoreConfig, listeners: Sequence[Listener] = ()) -> ScoreResult:
-    """Run (or resume) one scoring job; see the module docstring."""
+    """Run (or resume) one scoring job, holding the run directory's lease; see the module docstring."""
     started = time.perf_counter()
     prep = prepare(config)
+    with take_lease(prep):
+        return score_run(prep, listeners, started)
+
+
+def score_run(prep: Prepared, listeners: Sequence[Listener], started: float) -> ScoreResult:
+    """The run, once its lease is held: open (or resume) it, remove killed writers' temp files, passes, finish."""
+    config = prep.config
     manifest = open_run(prep)
+    prep.store.remove_temp_files()  # no live writer owns one: we hold the lease, no worker has started
     emit = Emitter([ProgressDisplay(config.progress), *listeners])
     done = prep.store.completed_shards([s.name for s in prep.shards], prep.fingerprint)
     pending = [s for s in prep.shards if s.name not in done]
@@ -56,6 +71,15 @@ def run_score(config: ScoreConfig, listeners: Sequence[Listener] = ()) -> ScoreR
 
 
 # -- the run directory ---------------------------------------------------------------------------
+
+def take_lease(prep: Prepared) -> RunLease:
+    """The run directory's lease, taken before the manifest is read or written; a live owner is
+    refused as RunLocked, so the CLI exits 2 with one line, as for RunMismatch."""
+    try:
+        return RunLease.acquire(prep.store, prep.run_id)
+    except LeaseHeld as exc:
+        raise RunLocked(str(exc)) from None
+
 
 def open_run(prep: Prepared) -> Manifest:
     """Resume a matching run, refuse a different one, or start a new one; writes the manifest."""
@@ -103,13 +127,17 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
     """Complete the manifest (counts, solver, trace, timings, memory, status), write it, return the result."""
     records = {**done, **passes.records}
     failed = {k: v for k, v in passes.failed.items() if k not in records}
-    manifest.counts = run_counts(prep, records, done, failed, passes)
+    query_errors = passes.directions.query_input_errors if passes.directions is not None else \
+        manifest.counts.get("errors_by_stage", {}).get("query", 0)  # directions from an earlier invocation
+    manifest.counts = run_counts(prep, records, done, failed, passes, query_errors)
     if passes.directions is not None:
         solved = passes.directions
         manifest.solver = {**solved.settings, "iterations": solved.iterations, "converged": solved.converged,
                            "relative_residual": solved.relative_residual, "seconds": solved.seconds,
                            "reused": passes.reused, "damping": solved.damping}
         manifest.curvature = solved.curvature
+        manifest.model_check = model_check(  # type: ignore[attr-defined]  (extra field)
+            solved, prep.checkpoint.segment_size, checkpoint_training(prep.checkpoint_dir))
     if passes.records and any(r.trace for r in records.values()):
         manifest.counts["trace_rows"] = write_trace(prep, records.values())
     record_invocation(manifest, passes, seconds)
@@ -125,14 +153,17 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
 
 
 def run_counts(prep: Prepared, records: dict[str, ShardRecord], done: dict[str, ShardRecord],
-               failed: dict[str, str], passes: PassResult) -> dict[str, Any]:
-    """The manifest's ``counts``: shards, pairs, error rows by stage (a failed shard counts as stage 'score')."""
+               failed: dict[str, str], passes: PassResult, query_errors: int = 0) -> dict[str, Any]:
+    """The manifest's ``counts``: shards, pairs, error rows by stage (a failed shard counts as stage 'score',
+    a bad sample of a query set as 'query')."""
     by_stage: dict[str, int] = {}
     for record in records.values():
         for stage, n in record.errors_by_stage.items():
             by_stage[stage] = by_stage.get(stage, 0) + n
     if failed:
         by_stage["score"] = by_stage.get("score", 0) + len(failed)
+    if query_errors:
+        by_stage["query"] = query_errors
     scoring_s = passes.timings.get("scoring_s", 0.0)
     return {
         "shards": len(prep.shards), "shards_committed": len(records), "shards_scored": len(passes.records),

@@ -1,4 +1,9 @@
-"""Scoring one shard: read, segment, JVP-score every segment, write its tables, commit.
+"""Scoring one shard: stream its segments, JVP-score each, write its tables, commit.
+
+The shard is streamed (``data.segments.stream_segments``): a worker holds one segment of decoded
+images at a time plus the decoder's read-ahead, and per pair only its scores, so its memory does not
+grow with the shard. Nothing is written before the last segment is scored, so a storage failure
+midway (``ShardUnavailable``) leaves nothing behind.
 
 A plain generator (no Ray): the actor streams its items to the driver, which turns them into
 progress. It yields a :class:`SegmentDone` after each segment and the shard's
@@ -17,8 +22,8 @@ from typing import Any
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
-from ecif_ray.data.samples import ErrorRecord
-from ecif_ray.data.segments import Preprocess, Tokenizer, collate_segment, shard_segments
+from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits
+from ecif_ray.data.segments import Preprocess, Tokenizer, collate_segment, stream_segments
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.rows import pair_rows, score_rows
 from ecif_ray.influence.scoring import SegmentScores, score_segment
@@ -50,7 +55,6 @@ class ShardJob:
 class SegmentDone:
     shard: str
     segments_done: int
-    segments_total: int
     pairs_done: int
 
 
@@ -65,6 +69,7 @@ class ShardInputs:
     storage_options: dict[str, Any] | None = None
     chunk: int = 16  # directions per vmapped JVP
     pool: Executor | None = None  # threads that decode and preprocess images (None: this thread)
+    limits: ReadLimits = DEFAULT_LIMITS
 
 
 def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directions: torch.Tensor,
@@ -75,8 +80,10 @@ def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directi
     every example is computed too and the shard's top pairs per example go into its record.
     """
     start = time.perf_counter()
-    segments, errors = shard_segments(job.shard, segment_size=inputs.segment_size, exclude=inputs.exclude,
-                                      storage_options=inputs.storage_options, pool=inputs.pool)
+    errors: list[ErrorRecord] = []
+    segments = stream_segments(job.shard, segment_size=inputs.segment_size, exclude=inputs.exclude,
+                               storage_options=inputs.storage_options, pool=inputs.pool, limits=inputs.limits,
+                               errors=errors)
     named = directions[: len(job.queries)]
     traced = directions[len(job.queries):]
     top = TopK(list(job.traced), job.trace_top_k) if job.traced else None
@@ -89,18 +96,23 @@ def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directi
             assert basis is not None, "trace-back needs the curvature basis"
             top.add(batch, trace_segment(task, batch, traced, basis))
         pairs += len(batch)
-        yield SegmentDone(job.shard.name, done, len(segments), pairs)
+        yield SegmentDone(job.shard.name, done, pairs)
     trace = top.rows() if top is not None else []
     yield write_shard(store, job, results, errors, trace, time.perf_counter() - start)
 
 
 def write_shard(store: RunStore, job: ShardJob, results: Sequence[SegmentScores], errors: Sequence[ErrorRecord],
                 trace: list[dict[str, Any]], seconds: float) -> ShardRecord:
-    """Write the shard's non-empty tables (pairs last), then its commit record."""
+    """Write the shard's non-empty tables (pairs last), then its commit record. A table this attempt
+    has no rows for loses the file an earlier attempt left (e.g. the ``score`` error row of a run
+    whose storage was down), so a table holds exactly what the commit record lists."""
     lineage = {**job.lineage, "attempt": job.attempt, "shard_seconds": round(seconds, 3)}
     name = job.shard.name
     pairs = pair_rows(results, job.queries)
     tables = {"errors": error_rows(errors), "scores": score_rows(results, job.queries), "pairs": pairs}
+    for table, rows in tables.items():
+        if not rows["shard"]:
+            store.remove(store.table_file(table, job.run_id, name))
     files = [store.write_table(table, job.run_id, name, rows, lineage)
              for table, rows in tables.items() if rows["shard"]]
     by_stage: dict[str, int] = {}

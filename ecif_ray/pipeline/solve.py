@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import (
@@ -72,19 +72,23 @@ class CurvatureSample:
                 "sample": [{"shard": g.shard, "segments": list(g.segments)} for g in self.groups]}  # summation order
 
 
-def call_with_recovery(pool: WorkerPool, actor: ActorHandle, call: Callable[[ActorHandle], Any],
+def call_with_recovery(pool: WorkerPool, actor: ActorHandle, call: Callable[[ActorHandle], Any], what: str,
                        reload: Callable[[ActorHandle], None] = lambda actor: None) -> Any:
-    """``ray.get(call(actor))``; if the actor dies, replace it, ``reload`` the replacement, try again."""
+    """``ray.get(call(actor))``; if the actor dies, replace it, ``reload`` the replacement, try again; if
+    the storage did not deliver a shard, try again after the pool's backoff (``RetryPolicy``)."""
+    attempt = 1
     while True:
         try:
             return ray.get(call(actor))
         except RayActorError:
             actor = pool.replace(actor)
             reload(actor)
+        except RayTaskError as exc:
+            attempt = pool.retry.after(exc, attempt, what)
 
 
 def query_gradients(pool: WorkerPool, spec: QuerySpec) -> QueryResult:
-    return call_with_recovery(pool, pool.actors[0], lambda actor: actor.query_gradients.remote(spec))
+    return call_with_recovery(pool, pool.actors[0], lambda actor: actor.query_gradients.remote(spec), "queries")
 
 
 def feature_bytes_per_pair(pool: WorkerPool, shards: list[Shard]) -> int:
@@ -93,7 +97,8 @@ def feature_bytes_per_pair(pool: WorkerPool, shards: list[Shard]) -> int:
     for shard in shards[:8]:
         try:
             return call_with_recovery(pool, pool.actors[0],
-                                      lambda actor, s=shard: actor.feature_bytes_per_pair.remote(s))
+                                      lambda actor, s=shard: actor.feature_bytes_per_pair.remote(s),
+                                      f"curvature size, shard {shard.name}")
         except ray.exceptions.RayTaskError as exc:  # an unreadable shard: try the next one
             error = exc
     raise ValueError(f"train: no readable shard among the first {min(len(shards), 8)}: {error}")
@@ -130,11 +135,18 @@ class DistributedCurvature:
         return [self._get_group(group, ref) for group, ref in refs.items()]
 
     def _get_group(self, group: int, ref: ray.ObjectRef) -> CurvatureGroup:
-        try:
-            return ray.get(ref)
-        except RayActorError:
-            self._recover(self.owner[group])
-            return ray.get(self.owner[group].load_curvature.remote(self.requests[group]))
+        """The group's load result; a dead owner is replaced, a shard the storage did not deliver is
+        read again after a backoff (a sample drawn without it would differ from the plan)."""
+        attempt = 1
+        while True:
+            try:
+                return ray.get(ref)
+            except RayActorError:
+                self._recover(self.owner[group])
+            except RayTaskError as exc:
+                shard = self.requests[group].shard.name
+                attempt = self.pool.retry.after(exc, attempt, f"curvature sample, shard {shard}")
+            ref = self.owner[group].load_curvature.remote(self.requests[group])
 
     def _recover(self, dead: ActorHandle) -> ActorHandle:
         """Replace a dead actor and give the replacement every group the dead one held."""
@@ -144,7 +156,8 @@ class DistributedCurvature:
             self.owner[g] = fresh
         known = {g.group: g for g in self.sample.groups}
         for g in mine:
-            reloaded = call_with_recovery(self.pool, fresh, lambda a, g=g: a.load_curvature.remote(self.requests[g]))
+            reloaded = call_with_recovery(self.pool, fresh, lambda a, g=g: a.load_curvature.remote(self.requests[g]),
+                                          f"curvature sample, shard {self.requests[g].shard.name}")
             if g in known and reloaded.segments != known[g].segments:
                 raise RuntimeError(f"curvature group {g} reloaded different segments: shard changed during the run?")
         return fresh

@@ -13,6 +13,7 @@ for vectors, dataclasses for requests and results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import socket
@@ -29,8 +30,8 @@ import numpy as np
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
-from ecif_ray.data.samples import ErrorRecord
-from ecif_ray.data.segments import PairBatch, collate_segment, load_segments, shard_segments
+from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits
+from ecif_ray.data.segments import PairBatch, Segment, collate_segment, load_segments, stream_segments
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import curvature_stacks, ggn_sum
 from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
@@ -60,6 +61,8 @@ class WorkerSettings:
     ggn_chunk: int
     exclude: ExclusionSet | None = None
     storage_options: dict[str, Any] | None = None
+    limits: ReadLimits = DEFAULT_LIMITS
+    trusted_arch: str | None = None  # the one model source outside the builtin configs the checkpoint may name
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class InfluenceWorker:
         pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
         self.inputs = ShardInputs(segment_size=settings.segment_size, preprocess=bundle.preprocess,
                                   tokenizer=bundle.tokenizer, exclude=settings.exclude,
-                                  storage_options=settings.storage_options, pool=pool)
+                                  storage_options=settings.storage_options, pool=pool, limits=settings.limits)
         self.store = RunStore(settings.out, settings.storage_options)
         self.curvature: dict[int, list[SegmentStack]] = {}
         self.ready_rss = peak_rss_bytes()  # the floor: interpreter, libraries and the model, before any work
@@ -148,7 +151,8 @@ class InfluenceWorker:
     def _load(self, shards: tuple[Shard, ...], size: int, what: str) -> tuple[list[PairBatch], list[ErrorRecord]]:
         bundle = self.task.bundle
         batches, bad = load_segments(list(shards), segment_size=size, preprocess=bundle.preprocess,
-                                     tokenizer=bundle.tokenizer, storage_options=self.settings.storage_options)
+                                     tokenizer=bundle.tokenizer, storage_options=self.settings.storage_options,
+                                     limits=self.settings.limits)
         if not batches:
             raise ValueError(f"{what}: no usable samples in {[s.url for s in shards][:3]} ({len(bad)} bad)")
         return batches, bad
@@ -156,25 +160,43 @@ class InfluenceWorker:
     # -- curvature -----------------------------------------------------------------------------
 
     def load_curvature(self, request: CurvatureRequest) -> CurvatureGroup:
-        """Read the shard, keep the segments the plan chooses, hold their trunk features (not the images)."""
-        segments, _ = shard_segments(request.shard, segment_size=self.settings.segment_size,
-                                     exclude=self.settings.exclude, storage_options=self.settings.storage_options,
-                                     pool=self.inputs.pool)
-        chosen = choose_segments(request.shard.name, len(segments), request.quota, request.seed)
-        batches = [collate_segment(segments[i], self.inputs.preprocess, self.inputs.tokenizer, self.inputs.pool)
-                   for i in chosen]
-        self.curvature[request.group] = curvature_stacks(self.task, batches)
-        return CurvatureGroup(group=request.group, shard=request.shard.name,
-                              segments=tuple(segments[i].index for i in chosen),
-                              pairs=sum(len(b) for b in batches), shard_segments=len(segments))
+        """Stream the shard and hold the trunk features of the segments the plan chooses (never its
+        images). Choosing needs the shard's segment count, so while the quota can still take every
+        segment they are featurized as they stream (one pass: the default, every segment up to the
+        cap); past it a second pass featurizes the chosen ones."""
+        kept: list[PairBatch] = []
+        count = 0
+        for segment in self._stream(request.shard):
+            count += 1
+            if count <= request.quota:
+                kept.append(self._featurized(segment))
+            elif kept:
+                kept = []  # too many segments: choose among all of them, below
+        chosen = choose_segments(request.shard.name, count, request.quota, request.seed)
+        if count > request.quota:
+            wanted = set(chosen)
+            kept = [self._featurized(seg) for i, seg in enumerate(self._stream(request.shard)) if i in wanted]
+        self.curvature[request.group] = curvature_stacks(self.task, kept)
+        return CurvatureGroup(group=request.group, shard=request.shard.name, segments=tuple(b.segment for b in kept),
+                              pairs=sum(len(b) for b in kept), shard_segments=count)
+
+    def _stream(self, shard: Shard) -> Iterator[Segment]:
+        return stream_segments(shard, segment_size=self.settings.segment_size, exclude=self.settings.exclude,
+                               storage_options=self.settings.storage_options, pool=self.inputs.pool,
+                               limits=self.settings.limits)
+
+    def _featurized(self, segment: Segment) -> PairBatch:
+        """The segment collated, its trunk features attached and its images dropped."""
+        batch = self.task.featurize(collate_segment(segment, self.inputs.preprocess, self.inputs.tokenizer,
+                                                    self.inputs.pool))
+        return dataclasses.replace(batch, images=batch.images[:0])
 
     def feature_bytes_per_pair(self, shard: Shard) -> int:
         """Bytes of trunk features per pair (the curvature cap's unit), from the shard's first segment."""
-        segments, _ = shard_segments(shard, segment_size=self.settings.segment_size,
-                                     storage_options=self.settings.storage_options)
-        if not segments:
+        first = next(self._stream(shard), None)
+        if first is None:
             raise ValueError(f"train: {shard.name}: no readable pairs to size the curvature sample with")
-        batch = collate_segment(segments[0], self.inputs.preprocess, self.inputs.tokenizer)
+        batch = collate_segment(first, self.inputs.preprocess, self.inputs.tokenizer)
         features = self.task.features(batch)
         return max(1, features.nbytes // len(features))
 
@@ -219,7 +241,7 @@ def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -
     with tempfile.TemporaryDirectory(prefix="ecif-ckpt-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        ckpt = load_checkpoint(tmp, device=device)
+        ckpt = load_checkpoint(tmp, device=device, trusted_arch=settings.trusted_arch)
     ckpt.model.to(getattr(torch, settings.dtype))
     return InfluenceTask.from_checkpoint(ckpt, n_train=settings.n_train, negative_term=settings.negative_term,
                                          delta=settings.delta)

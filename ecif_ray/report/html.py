@@ -137,9 +137,42 @@ def render_html(report: Report) -> str:
 <div class="muted">run <b>{_esc(m.run_id)}</b> · {_esc(run.url)} · query <b>{_esc(run.query)}</b> ·
 checkpoint sha256 {_esc(str(m.checkpoint.get("sha256", ""))[:16])}… · finished {_esc(m.finished_at or "–")}</div>
 <nav>{nav_html}</nav>
+{_model_banner(model_check_of(m))}
 {"".join(sections)}
 </main></body></html>
 """
+
+
+def model_check_of(m: Manifest) -> dict[str, Any] | None:
+    """The manifest's ``model_check`` (runs scored before it existed have none)."""
+    check = (m.model_extra or {}).get("model_check")
+    return check if isinstance(check, dict) else None
+
+
+def _model_banner(check: dict[str, Any] | None) -> str:
+    """A prominent warning at the top of the page when the model is near chance."""
+    if not check or not check.get("near_chance"):
+        return ""
+    if check.get("val_loss") is not None:
+        why = (f"Its validation loss ({_num(check['val_loss'])} per pair) is {check['loss_ratio']:.2f} × the loss "
+               f"of a uniform guess (chance: 2·log(segment size) = {_num(check['chance_loss'])})")
+    else:
+        why = "Its training ended near chance (the checkpoint's ecif.json, training.near_chance)"
+    return (f'<div class="alert" id="near-chance"><b>Warning: the model is near chance.</b> {_esc(why)}. '
+            "It learned (almost) nothing, so the scores below say nothing about the data: an audit of this model "
+            "is meaningless. Train it until it clearly beats chance (<code>ecif-ray train</code> warns when it "
+            "does not), then score again.</div>")
+
+
+def _model_text(check: dict[str, Any] | None) -> str:
+    """The model check as one line of the lineage table."""
+    if not check:
+        return "–"
+    if check.get("val_loss") is None:
+        return str(check.get("note", "not measured"))
+    verdict = "NEAR CHANCE" if check.get("near_chance") else "above chance"
+    return (f"val loss {_num(check['val_loss'])} per pair = {check['loss_ratio']:.2f} × chance "
+            f"({_num(check['chance_loss'])}, threshold {check.get('near_chance_threshold', 0.9)}): {verdict}")
 
 
 def _has_truth(report: Report) -> bool:
@@ -315,6 +348,7 @@ def _lineage_html(run: RunData) -> str:
         ("N (training pairs of the model)", ck.get("n_train")), ("segment size", ck.get("segment_size")),
         ("dtype", ck.get("dtype")), ("negative term", m.score_inputs.get("negative_term")),
         ("queries", ", ".join(m.queries) + f" (primary {m.primary_query}; this report: {run.query})"),
+        ("model vs chance", _model_text(model_check_of(m))),
         ("training shards", _spec_text(cfg.get("train"), m.score_inputs.get("train"))),
         ("validation shards", _spec_text(cfg.get("val"), m.score_inputs.get("val"))),
         ("test shards", _spec_text(cfg.get("test"), m.score_inputs.get("test"))),

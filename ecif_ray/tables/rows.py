@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 from ecif_ray.data.samples import ErrorRecord
 
+QUERY_INPUTS = "query-inputs"  # the file name of the query sets' error rows (no shard id ends without .tar)
 
-def error_rows(errors: Sequence[ErrorRecord]) -> dict[str, list]:
-    return {"shard": [e.shard for e in errors], "key": [e.key for e in errors], "stage": [e.stage for e in errors],
-            "error": [e.error for e in errors], "message": [e.message for e in errors]}
+
+def error_rows(errors: Sequence[ErrorRecord], stage: str | None = None) -> dict[str, list]:
+    """One row per record; ``stage`` overrides theirs (``query``: a bad sample of a validation or test
+    set, which is left out of the query, not scored)."""
+    return {"shard": [e.shard for e in errors], "key": [e.key for e in errors],
+            "stage": [stage or e.stage for e in errors], "error": [e.error for e in errors],
+            "message": [e.message if stage is None else f"{e.message} ({e.stage}; left out of the {stage})"
+                        for e in errors]}

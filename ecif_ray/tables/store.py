@@ -3,6 +3,8 @@
 Layout of a run directory (``--out``)::
 
     manifest.json                                   lineage of the run (tables.manifest)
+    lease.json                                      the running driver's lease, gone after the run
+                                                    (tables.lease; .lease.json.lock guards changes)
     directions/directions.safetensors, .json        the solved iHVP directions, reused on rerun
                                                     (tables.directions)
     pairs/run_id=<id>/<shard>.parquet               one file per shard and table (tables.schema;
@@ -17,11 +19,13 @@ key copied into place, the copy being atomic), and the shard counts as done only
 commit record exists *and* every file it lists is there with the recorded row count (read from
 the Parquet footer, which also proves the file is complete). A rerun skips exactly those shards.
 Readers never see temp files: their names start with '.' and end in '.tmp', which Hive readers
-and the ``*.parquet`` globs ignore. Files are named after the shard, so a retried shard
-overwrites its earlier attempt instead of duplicating rows. Because Hive-style readers (Spark,
-Trino, pyarrow datasets) skip names starting with '.' or '_', a shard id starting with '.', '_'
-or the escape character '~' gets a '~' in front of its file name (:func:`shard_file_stem`, a
-one-to-one mapping); the rows themselves carry the shard id unchanged in their ``shard`` column.
+and the ``*.parquet`` globs ignore; a writer killed between the two steps leaves one behind, which
+the next driver removes (:meth:`RunStore.remove_temp_files`, while it holds the lease). Files are
+named after the shard, so a retried shard overwrites its earlier attempt instead of duplicating
+rows. Because Hive-style readers (Spark, Trino, pyarrow datasets) skip names starting with '.' or
+'_', a shard id starting with '.', '_' or the escape character '~' gets a '~' in front of its file
+name (:func:`shard_file_stem`, a one-to-one mapping); the rows themselves carry the shard id
+unchanged in their ``shard`` column.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import contextlib
 import io
 import json
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +50,18 @@ from ecif_ray.tables.schema import PARTITION, conform
 
 LINEAGE_KEY = b"ecif_ray.lineage"
 MANIFEST = "manifest.json"
+LEASE = "lease.json"
+LEASE_GUARD = ".lease.json.lock"  # locked while a lease is changed (tables.lease); stays, empty
 STATE_DIR = "_state/shards"
 DIRECTIONS_DIR = "directions"
 HIDDEN_PREFIXES = (".", "_")  # names Hive-style readers skip
 FILE_ESCAPE = "~"
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")  # what temp_name makes, and nothing a table or record is named
+
+
+def temp_name(name: str) -> str:
+    """A hidden, unique sibling name for writing ``name`` before it is moved into place."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
 
 
 def shard_file_stem(shard: str) -> str:
@@ -127,15 +140,17 @@ class RunStore:
         return bool(self.fs.exists(self.path(relative) if relative else self.root))
 
     def is_empty(self) -> bool:
+        """True if the root is missing or holds nothing but the lease (taken before the manifest is written)."""
         if not self.fs.exists(self.root):
             return True
-        return not self.fs.ls(self.root, detail=False)
+        names = {posixpath.basename(n.rstrip("/")) for n in self.fs.ls(self.root, detail=False)}
+        return names <= {LEASE, LEASE_GUARD}
 
     def put(self, relative: str, data: bytes) -> None:
         """Write atomically: readers see the old object or the new one, never a partial one."""
         final = self.path(relative)
         parent, name = posixpath.split(final)
-        temp = posixpath.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        temp = posixpath.join(parent, temp_name(name))
         self.fs.makedirs(parent, exist_ok=True)
         self.fs.pipe_file(temp, data)
         try:
@@ -145,11 +160,34 @@ class RunStore:
                 self.fs.rm(temp)
             raise
 
+    def temp_files(self) -> list[str]:
+        """Temp files under the run root (relative paths): left by writers killed before their move."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.relpath(p, self.root) for p in found if TEMP_NAME.fullmatch(posixpath.basename(p)))
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete :meth:`temp_files`. Only for the driver holding the lease, before any worker starts:
+        then no live writer owns one."""
+        leftovers = self.temp_files()
+        for relative in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(relative))
+        return leftovers
+
     def get(self, relative: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.path(relative))
         except FileNotFoundError:
             return None
+
+    def remove(self, relative: str) -> None:
+        """Delete one file if it exists (a table file an earlier attempt wrote and this one does not)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(relative))
 
     def put_json(self, relative: str, value: Any) -> None:
         self.put(relative, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
