@@ -494,3 +494,12 @@ def test_a_decoding_pool_runs_a_bounded_way_ahead_of_the_reader():
         assert [next(stream) for _ in range(3)] == [0, 1, 4]
         assert len(taken) <= 8 + 3  # not the whole shard
         assert list(stream) == [i * i for i in range(3, 100)]
+
+
+def test_score_refuses_a_broken_checkpoint_in_one_line_naming_the_file(ckpt, digits_corpus, tmp_path, capsys):
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main(score_argv(ckpt, digits_corpus, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(weights) in err[0] and "not a valid safetensors file" in err[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
