@@ -104,6 +104,8 @@ class ScoreConfig(BaseModel):
 
     # -- inputs ------------------------------------------------------------------------------
     ckpt: str = Field(description="ecif-ray checkpoint directory (local path or fsspec URL)")
+    reference: str | None = Field(None, description="a reference CLIP (checkpoint directory, or ARCH:TAG of an "
+                                  "open_clip model) whose CLIP score of each pair fills pairs.reference_clip_score")
     trusted_arch: str | None = Field(None, description="a model source outside open_clip's builtin configs that "
                                      "the checkpoint may name (e.g. hf-hub:org/model); any other is refused")
     train: str | list[str] = Field(description="shards to score: dir, brace pattern, glob, s3://..., or a list")

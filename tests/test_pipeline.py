@@ -212,3 +212,30 @@ def test_s3_in_and_out_through_the_cli(scored_run, s3_bucket, heads_ckpt, digits
     # the val direction was solved alone here (with the task query there): equal up to batching round-off
     torch.testing.assert_close(torch.tensor(pairs["ecif_is"].to_numpy()), torch.tensor(local["ecif_is"].to_numpy()),
                                rtol=1e-6, atol=1e-12)
+
+
+def test_a_reference_model_fills_reference_clip_score(ray_cluster, score_config, micro_pretrained, digits_corpus,
+                                                      tmp_path, scored_run):
+    """``--reference``: each pair's CLIP score under a second model (here the clean pretrained checkpoint)
+    equals that model's own s · û · v̂ computed in-process; without a reference the column is null."""
+    from ecif_ray.data.samples import read_shard
+    from ecif_ray.data.shards import list_shards
+    from ecif_ray.models.reference import ReferenceModel
+
+    result = run_score(score_config(tmp_path / "run", reference=str(micro_pretrained), workers=1))
+    assert result.exit_code == EXIT_OK and result.manifest.score_inputs["reference"]
+    got = connect(str(tmp_path / "run")).sql(
+        "SELECT shard, key, reference_clip_score, clip_score FROM pairs ORDER BY shard, key").fetchall()
+    reference = ReferenceModel.load(str(micro_pretrained))
+    samples = sorted((s for shard in list_shards(str(digits_corpus / "train")) for s in read_shard(shard)[0]),
+                     key=lambda s: (s.shard, s.key))
+    want = reference.clip_scores([s.image for s in samples], [s.caption for s in samples])
+    assert [(s, k) for s, k, _, _ in got] == [(s.shard, s.key) for s in samples]
+    close([r for _, _, r, _ in got], want)
+    assert not np.allclose([r for _, _, r, _ in got], [c for _, _, _, c in got])  # a different model's score
+    nulls = connect(str(scored_run.out)).sql("SELECT count(*) FROM pairs WHERE reference_clip_score IS NULL")
+    assert nulls.fetchall()[0][0] == 128
+    from ecif_ray.pipeline.prepare import prepare
+
+    with pytest.raises(ValueError, match="reference: 'no-such-model:tag' is neither"):
+        prepare(score_config(tmp_path / "r2", reference="no-such-model:tag"))

@@ -20,7 +20,8 @@ def pair_rows(results: Sequence[SegmentScores], queries: Sequence[str], q: int =
     """``pairs`` columns: identities, CLIP score, own loss and query ``q``'s scores (default: the
     primary query)."""
     rows: dict[str, list] = {name: [] for name in ("shard", "key", "shard_index", "segment", "caption",
-                                                   "clip_score", "loss", "query", "pos_is", "neg_is", "ecif_is")}
+                                                   "clip_score", "reference_clip_score", "loss", "query", "pos_is",
+                                                   "neg_is", "ecif_is")}
     for r in results:
         n = len(r)
         rows["shard"] += [r.shard] * n
@@ -29,6 +30,8 @@ def pair_rows(results: Sequence[SegmentScores], queries: Sequence[str], q: int =
         rows["segment"] += [r.segment] * n
         rows["caption"] += r.captions
         rows["clip_score"] += _floats(r.clip_score)
+        rows["reference_clip_score"] += [None] * n if r.reference_clip_score is None else \
+            _floats(r.reference_clip_score)
         rows["loss"] += _floats(r.loss)
         rows["query"] += [queries[q]] * n
         rows["pos_is"] += _floats(r.pos_is[q])

@@ -34,6 +34,7 @@ class SegmentScores:
     loss: torch.Tensor        # [B] the pair's own anchor terms (Pos_n)
     pos_is: torch.Tensor      # [Q, B]
     neg_is: torch.Tensor      # [Q, B]
+    reference_clip_score: torch.Tensor | None = None  # [B] under a reference model (models.reference)
 
     @property
     def ecif_is(self) -> torch.Tensor:

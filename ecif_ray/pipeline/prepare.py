@@ -32,6 +32,7 @@ from ecif_ray.models.checkpoint import (
     checkpoint_fingerprint,
     load_checkpoint,
 )
+from ecif_ray.models.reference import ReferenceModel
 from ecif_ray.tables.store import RunStore
 
 CHECKPOINT_FILES = (META_FILE, WEIGHTS_FILE, ANCHOR_FILE)
@@ -72,6 +73,7 @@ class Prepared:
     score_inputs: dict[str, Any]
     fingerprint: str
     run_id: str
+    reference_dir: Path | None = None  # a reference given as a checkpoint directory (shipped to the workers)
 
 
 def prepare(config: ScoreConfig) -> Prepared:
@@ -83,7 +85,10 @@ def prepare(config: ScoreConfig) -> Prepared:
     val = list_shards(paths.val, so) if "val" in config.queries else []
     test = list_shards(paths.test, so) if "task" in config.queries or config.trace else []
     exclude = read_exclusions(paths.exclude, so) if paths.exclude else None
+    reference_dir, reference = describe_reference(config)
     inputs = config.score_inputs()
+    if reference is not None:  # only when set: runs made without one keep their fingerprint
+        inputs["reference"] = reference
     inputs.update(train=[s.name for s in shards], val=[s.name for s in val] or None,
                   test=[s.name for s in test] or None, checkpoint_sha256=checkpoint.sha256,
                   segment_size=checkpoint.segment_size, n_train=checkpoint.n_train, delta=checkpoint.delta,
@@ -93,7 +98,7 @@ def prepare(config: ScoreConfig) -> Prepared:
     check_writable(store)
     return Prepared(config=config, store=store, shards=shards, val=val, test=test,
                     exclude=exclude, checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, score_inputs=inputs,
-                    fingerprint=fingerprint, run_id=config.run_id or fingerprint[:12])
+                    fingerprint=fingerprint, run_id=config.run_id or fingerprint[:12], reference_dir=reference_dir)
 
 
 def check_writable(store: RunStore) -> None:
@@ -109,20 +114,34 @@ def check_writable(store: RunStore) -> None:
         raise ValueError(f"out: {store.url}: cannot write there ({type(exc).__name__}: {exc})") from exc
 
 
-def fetch_checkpoint(url: str, storage_options: dict[str, Any] | None) -> Path:
+def fetch_checkpoint(url: str, storage_options: dict[str, Any] | None, field: str = "ckpt") -> Path:
     """A local directory holding the checkpoint (remote checkpoints are downloaded once)."""
     fs, path = url_to_fs(url, **(storage_options or {}))
     if isinstance(fs, LocalFileSystem):
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"ckpt: {url}: no such checkpoint directory")
+            raise FileNotFoundError(f"{field}: {url}: no such checkpoint directory")
         return Path(path)
     local = Path(tempfile.mkdtemp(prefix="ecif-ckpt-"))
     for name in CHECKPOINT_FILES:
         try:
             (local / name).write_bytes(fs.cat_file(f"{path.rstrip('/')}/{name}"))
         except FileNotFoundError as exc:
-            raise CheckpointError(f"ckpt: {url}: missing {name}") from exc
+            raise CheckpointError(f"{field}: {url}: missing {name}") from exc
     return local
+
+
+def describe_reference(config: ScoreConfig) -> tuple[Path | None, str | None]:
+    """The reference model checked up front (loaded once on CPU) and its identity for the fingerprint:
+    (its local checkpoint directory or None for an open_clip ARCH:TAG, sha256 or the tag)."""
+    spec = config.reference
+    if spec is None:
+        return None, None
+    if Path(spec).is_dir() or "://" in spec:
+        local = fetch_checkpoint(spec, config.storage_options, field="reference")
+        ReferenceModel.load(str(local), trusted_arch=config.trusted_arch)
+        return local, checkpoint_fingerprint(local)
+    ReferenceModel.load(spec)  # an open_clip tag: its weights are downloaded here, as on the workers
+    return None, spec
 
 
 def describe_checkpoint(path: Path, config: ScoreConfig) -> CheckpointInfo:

@@ -29,6 +29,7 @@ from ecif_ray.influence.rows import pair_rows, score_rows
 from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, trace_segment
+from ecif_ray.models.reference import ReferenceModel
 from ecif_ray.tables.ranking import top_indices
 from ecif_ray.tables.rows import error_rows
 from ecif_ray.tables.store import RunStore, ShardRecord
@@ -70,6 +71,7 @@ class ShardInputs:
     chunk: int = 16  # directions per vmapped JVP
     pool: Executor | None = None  # threads that decode and preprocess images (None: this thread)
     limits: ReadLimits = DEFAULT_LIMITS
+    reference: ReferenceModel | None = None  # its CLIP score of each pair goes into pairs.reference_clip_score
 
 
 def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directions: torch.Tensor,
@@ -91,7 +93,11 @@ def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directi
     pairs = 0
     for done, segment in enumerate(segments, start=1):
         batch = collate_segment(segment, inputs.preprocess, inputs.tokenizer, inputs.pool)
-        results.append(score_segment(task, batch, named, inputs.chunk))
+        scores = score_segment(task, batch, named, inputs.chunk)
+        if inputs.reference is not None:
+            scores.reference_clip_score = inputs.reference.clip_scores([s.image for s in segment.samples],
+                                                                       batch.captions)
+        results.append(scores)
         if top is not None:
             assert basis is not None, "trace-back needs the curvature basis"
             top.add(batch, trace_segment(task, batch, traced, basis))

@@ -39,6 +39,7 @@ from ecif_ray.influence.sample import CurvatureGroup, CurvatureRequest, choose_s
 from ecif_ray.influence.task import InfluenceTask, SegmentStack
 from ecif_ray.influence.traceback import CurvatureBasis, mispredicted
 from ecif_ray.models.checkpoint import load_checkpoint
+from ecif_ray.models.reference import ReferenceModel
 from ecif_ray.models.zeroshot import find_classes
 from ecif_ray.pipeline.shard import SegmentDone, ShardInputs, ShardJob, score_shard
 from ecif_ray.tables.store import RunStore, ShardRecord
@@ -63,6 +64,8 @@ class WorkerSettings:
     storage_options: dict[str, Any] | None = None
     limits: ReadLimits = DEFAULT_LIMITS
     trusted_arch: str | None = None  # the one model source outside the builtin configs the checkpoint may name
+    reference: str | None = None  # models.reference spec: ARCH:TAG, or a checkpoint shipped as reference_files
+    reference_files: Any = None  # ObjectRef of a reference checkpoint's files (put once, shared by the actors)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ class InfluenceWorker:
         pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
         self.inputs = ShardInputs(segment_size=settings.segment_size, preprocess=bundle.preprocess,
                                   tokenizer=bundle.tokenizer, exclude=settings.exclude,
-                                  storage_options=settings.storage_options, pool=pool, limits=settings.limits)
+                                  storage_options=settings.storage_options, pool=pool, limits=settings.limits,
+                                  reference=_load_reference(settings, self.device))
         self.store = RunStore(settings.out, settings.storage_options)
         self.curvature: dict[int, list[SegmentStack]] = {}
         self.ready_rss = peak_rss_bytes()  # the floor: interpreter, libraries and the model, before any work
@@ -245,6 +249,20 @@ def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -
     ckpt.model.to(getattr(torch, settings.dtype))
     return InfluenceTask.from_checkpoint(ckpt, n_train=settings.n_train, negative_term=settings.negative_term,
                                          delta=settings.delta)
+
+
+def _load_reference(settings: WorkerSettings, device: str) -> ReferenceModel | None:
+    """The reference model: from the files the driver shipped, or by its open_clip name."""
+    if settings.reference is None:
+        return None
+    if settings.reference_files is None:
+        return ReferenceModel.load(settings.reference, device)
+    import ray
+
+    with tempfile.TemporaryDirectory(prefix="ecif-reference-") as tmp:
+        for name, data in ray.get(settings.reference_files).items():
+            (Path(tmp) / name).write_bytes(data)
+        return ReferenceModel.load(tmp, device, trusted_arch=settings.trusted_arch)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

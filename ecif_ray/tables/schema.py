@@ -35,6 +35,7 @@ PAIRS = pa.schema(
         pa.field("segment", pa.int64(), nullable=False),      # segment index within the shard
         pa.field("caption", pa.string(), nullable=False),
         pa.field("clip_score", pa.float64(), nullable=False),  # s · û · v̂ of the pair itself
+        pa.field("reference_clip_score", pa.float64(), nullable=True),  # the same under --reference, else null
         pa.field("loss", pa.float64(), nullable=False),       # Pos_n = −log P^r_nn − log P^c_nn
         pa.field("query", pa.string(), nullable=False),       # which query the *_is columns hold (primary)
         pa.field("pos_is", pa.float64(), nullable=False),     # positive-role IS; > 0 harmful
@@ -60,7 +61,7 @@ ERRORS = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
         pa.field("key", pa.string(), nullable=False),    # "" when the whole shard is unreadable
-        # stage: open | read | key | image | caption | limit | duplicate | score
+        # stage: read | key | limit | image | caption | duplicate | score | query
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),  # short class, e.g. EmptyCaption, OSError
         pa.field("message", pa.string(), nullable=False),
@@ -79,9 +80,8 @@ TRACE = pa.schema(
         pa.field("ecif_is", pa.float64(), nullable=False),
     ]
 )
-"""Misprediction trace-back (top-k training pairs per test example). Reserved: the schema and the
-``trace`` view exist so queries can be written against them; the scoring pipeline does not fill
-it yet (relative-IS needs per-pair ‖Δθ₋ₙ‖, i.e. projected per-pair gradients)."""
+"""Misprediction trace-back: the top-k training pairs by relative-IS for each mispredicted test
+example (filled when the run has a ``trace`` section)."""
 
 SCHEMAS: dict[str, pa.Schema] = {"pairs": PAIRS, "scores": SCORES, "errors": ERRORS, "trace": TRACE}
 
@@ -97,10 +97,14 @@ def empty(table: str) -> pa.Table:
 
 
 def conform(table: str, data: pa.Table | dict[str, list]) -> pa.Table:
-    """Cast rows to the table's schema (column order and types), refusing missing or extra columns."""
+    """Cast rows to the table's schema (column order and types), refusing missing required or extra
+    columns; a missing nullable column (e.g. ``reference_clip_score`` without a reference) is null."""
     schema = SCHEMAS[table]
     if isinstance(data, dict):
         data = pa.table(data)
+    for field in schema:
+        if field.nullable and field.name not in data.column_names:
+            data = data.append_column(field.name, pa.nulls(data.num_rows, field.type))
     names = set(data.column_names)
     expected = set(schema.names)
     if names != expected:
