@@ -27,7 +27,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from ecif_ray.data.samples import DEFAULT_LIMITS, ReadLimits
+from ecif_ray.data.limits import DEFAULT_LIMITS, ReadLimits
 from ecif_ray.influence.sample import DEFAULT_MEMORY_MB
 from ecif_ray.influence.settings import DEFAULT_SOLVER, AnalysisDType, SolverSettings
 

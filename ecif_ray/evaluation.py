@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ecif_ray.data.segments import PairBatch, load_segments
-from ecif_ray.influence.contrastive import total_segment_loss
+from ecif_ray.influence.contrastive import mean_segment_loss
 from ecif_ray.models.checkpoint import Checkpoint
 from ecif_ray.models.factory import ClipBundle, encode, similarity_matrix
 from ecif_ray.models.zeroshot import ClassSet, class_embeddings, find_classes, labels_of
@@ -30,9 +30,8 @@ def zero_shot_accuracy(bundle: ClipBundle, batches: list[PairBatch], classes: Cl
 @torch.no_grad()
 def validation_loss(bundle: ClipBundle, batches: list[PairBatch], logit_scale: float) -> float:
     """L'(θ) = (1/N') Σ_m L_seg,m with the fixed validation segments."""
-    n = sum(len(b) for b in batches)
-    total = total_segment_loss(similarity_matrix(bundle.model, b.images, b.tokens, logit_scale) for b in batches)
-    return float(total) / n
+    return float(mean_segment_loss(similarity_matrix(bundle.model, b.images, b.tokens, logit_scale)
+                                   for b in batches))
 
 
 def evaluate(ckpt: Checkpoint, test: str | list[str], val: str | list[str] | None = None,

@@ -114,3 +114,14 @@ def test_the_checks_see_a_cycle_and_a_torch_import():
              "ecif_ray.d": {"ecif_ray.a"}}
     assert cycles(graph) == [["ecif_ray.a", "ecif_ray.b", "ecif_ray.c"]]
     assert reachable(graph, "ecif_ray.d") == set(graph)
+
+
+def test_the_config_the_cli_parsers_and_the_tables_load_without_torch():
+    """Building `ecif-ray --help` or reading a run's tables must not pay torch's import (~1.3 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ecif_ray.cli.score, ecif_ray.cli.trace, ecif_ray.config, ecif_ray.tables.rows; "
+            "loaded = sorted(m for m in ('torch', 'webdataset') if m in sys.modules); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -148,3 +148,16 @@ def test_curves_rates_and_trace_ranking_on_small_frames():
                           "key": ["1", "2", "3", "4"], "relative_is": [0.5, 0.1, 0.4, 0.3], "ecif_is": [0.0] * 4})
     ranked = rerank_trace(trace)
     assert ranked["key"].tolist() == ["1", "3"] and ranked["rank"].tolist() == [1, 2]
+
+
+def test_thumbnails_of_a_shard_that_has_gone_are_a_note_not_a_crash(tmp_path, wds):
+    from ecif_ray.report.thumbnails import fetch_images
+
+    wds.write_shard(tmp_path / "a-000000.tar", 2)
+    gone = tmp_path / "a-000001.tar"
+    wds.write_shard(gone, 2)
+    spec = f"{tmp_path}/a-{{000000,000001}}.tar"  # named, not searched: listing does not see it vanish
+    gone.unlink()
+    images, notes = fetch_images(spec, [("a-000000.tar", "000001"), ("a-000001.tar", "000000")])
+    assert list(images) == [("a-000000.tar", "000001")]
+    assert any("a-000001.tar: cannot open" in n for n in notes)

@@ -199,11 +199,7 @@ def build_corpus(spec: CorpusSpec, progress: bool = True) -> CorpusSummary:
 
     picks = _split_indices(data, sizes, rng_split)
     captions = {s: _clean_captions(data.labels[picks[s]], rng_template) for s in SPLITS}
-    if spec.noise_kind == "substitute":
-        _substitute(data.labels[picks["train"]], captions["train"], class_pairs(spec, data.class_names), spec.noise,
-                    rng_noise)
-    else:
-        _inject_noise(spec, data.labels[picks["train"]], captions["train"], len(data.class_names), rng_noise)
+    _inject_noise(spec, data.labels[picks["train"]], captions["train"], data.class_names, rng_noise)
 
     out = Path(spec.out)
     _prepare_out(out, spec.overwrite)
@@ -278,10 +274,15 @@ def _inject_noise(
     spec: CorpusSpec,
     labels: np.ndarray,
     captions: tuple[np.ndarray, np.ndarray],
-    num_classes: int,
+    class_names: tuple[str, ...],
     rng: np.random.Generator,
 ) -> None:
-    """Make exactly ``misaligned_count(noise, train_size)`` train captions wrong, in place."""
+    """Make train captions wrong, in place: exactly ``misaligned_count(noise, train_size)`` of them for the
+    random kinds, ``misaligned_count(noise, n_source)`` per source class for ``substitute``."""
+    if spec.noise_kind == "substitute":
+        _substitute(labels, captions, class_pairs(spec, class_names), spec.noise, rng)
+        return
+    num_classes = len(class_names)
     n = misaligned_count(spec.noise, labels.shape[0])
     if n == 0:
         return

@@ -60,6 +60,7 @@ from typing import IO, Any
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from ecif_ray.data.limits import DEFAULT_LIMITS, ReadLimits
 from ecif_ray.data.shards import Shard, open_shard
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
@@ -70,28 +71,6 @@ _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: __key__ 
 _MEMBER_NAME_ENCODING = "utf-8"  # tar member names are decoded as UTF-8, bad bytes as surrogate escapes
 
 
-@dataclass(frozen=True)
-class ReadLimits:
-    """Caps on untrusted input; the defaults are far beyond any real image-text corpus.
-
-    A member over ``max_member_bytes`` (as its tar header declares, so also a member of a
-    compressed tar that would inflate past it) is never read into memory; an image whose header
-    declares more than ``max_image_pixels`` pixels is never decoded (Pillow's own decompression-bomb
-    error, at twice ``PIL.Image.MAX_IMAGE_PIXELS``, is reported the same way); a caption is cut to
-    ``max_caption_chars`` characters.
-    """
-
-    max_member_bytes: int = 64 * 2**20
-    max_image_pixels: int = 2**27
-    max_caption_chars: int = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("max_member_bytes", "max_image_pixels", "max_caption_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ReadLimits.{name}: must be >= 1, got {getattr(self, name)}")
-
-
-DEFAULT_LIMITS = ReadLimits()
 
 
 # Failures of the storage, not of the bytes it delivered: retried, never recorded as bad input.

@@ -91,7 +91,7 @@ class ShardFailed:
 
 @dataclass(frozen=True)
 class RunFinished:
-    summary: Any  # pipeline.run.ScoreResult
+    summary: Any  # pipeline.results.ScoreResult
 
 
 Event = (RunStarted | WorkersReady | CurvatureLoaded | SolverStep | DirectionsReady | ShardSubmitted | ShardProgress

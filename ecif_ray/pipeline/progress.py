@@ -154,13 +154,13 @@ def format_summary(result: ScoreResult) -> str:
     residual = max((solver.get("relative_residual") or {0: 0.0}).values())
     lines = [
         f"ecif-ray score: run {m.run_id} {m.status} (exit {result.exit_code}: {result.exit_reason})",
-        *near_chance_warning(getattr(m, "model_check", None)),
+        *near_chance_warning(m.model_check),
         f"  run dir   {result.out}",
         f"  shards    {c['shards']} total, {c['shards_scored']} scored now, {c['shards_skipped']} done earlier, "
         f"{c['shards_failed']} failed",
         f"  pairs     {c['pairs']} scored, {c['errors']} error rows ({stages})",
         f"  queries   {', '.join(m.queries)} (primary: {m.primary_query}; pairs.*_is > 0 = harmful)",
-        *model_lines(getattr(m, "model_check", None)),
+        *model_lines(m.model_check),
         f"  solver    {solver.get('iterations')} CG iterations, residual {residual:.1e}, "
         f"{'converged' if solver.get('converged') else 'NOT converged'}"
         f"{', reused' if solver.get('reused') else ''}; curvature {m.curvature.get('segments')} segments / "

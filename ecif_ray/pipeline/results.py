@@ -4,13 +4,12 @@ exit status that tells callers whether every input was scored, and the manifest'
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ecif_ray.models.checkpoint import META_FILE
+from ecif_ray.models.checkpoint import read_meta
 from ecif_ray.tables.directions import DirectionsMeta
 from ecif_ray.tables.manifest import Manifest
 from ecif_ray.tables.store import ShardRecord
@@ -90,7 +89,4 @@ def model_check(directions: DirectionsMeta, segment_size: int, training: Mapping
 
 def checkpoint_training(checkpoint_dir: Path) -> dict[str, Any]:
     """The ``training`` section of a checkpoint's ecif.json ({} when it has none)."""
-    try:
-        return json.loads((Path(checkpoint_dir) / META_FILE).read_text()).get("training") or {}
-    except (OSError, ValueError):
-        return {}
+    return dict(read_meta(checkpoint_dir).training or {})

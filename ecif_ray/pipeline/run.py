@@ -136,7 +136,7 @@ def finish(prep: Prepared, manifest: Manifest, done: dict[str, ShardRecord], pas
                            "relative_residual": solved.relative_residual, "seconds": solved.seconds,
                            "reused": passes.reused, "damping": solved.damping}
         manifest.curvature = solved.curvature
-        manifest.model_check = model_check(  # type: ignore[attr-defined]  (extra field)
+        manifest.model_check = model_check(
             solved, prep.checkpoint.segment_size, checkpoint_training(prep.checkpoint_dir))
     if passes.records and any(r.trace for r in records.values()):
         manifest.counts["trace_rows"] = write_trace(prep, records.values())
@@ -180,9 +180,9 @@ def record_invocation(manifest: Manifest, passes: PassResult, seconds: float) ->
     manifest.workers = passes.workers or manifest.workers
     manifest.memory = {"driver_peak_rss_bytes": peak_rss_bytes(),
                        "workers": passes.worker_memory or manifest.memory.get("workers", [])}
-    history = list(getattr(manifest, "invocations", None) or [])
+    history = list(manifest.invocations)
     history.append({"finished_at": now(), "shards_scored": len(passes.records), "timings": manifest.timings})
-    manifest.invocations = history  # type: ignore[attr-defined]  (extra field)
+    manifest.invocations = history
 
 
 def write_trace(prep: Prepared, records: Iterable[ShardRecord]) -> int:

@@ -40,7 +40,7 @@ from ecif_ray.influence.queries import QueryGradients
 from ecif_ray.influence.sample import CurvatureGroup, CurvaturePlanner, CurvatureRequest
 from ecif_ray.influence.traceback import CurvatureBasis, curvature_basis
 from ecif_ray.pipeline.events import CurvatureLoaded, Listener, SolverStep
-from ecif_ray.pipeline.pool import WorkerPool
+from ecif_ray.pipeline.pool import RunInterrupted, WorkerPool
 from ecif_ray.pipeline.worker import QueryResult, QuerySpec
 from ecif_ray.tables.directions import DirectionsMeta, SavedDirections
 
@@ -99,7 +99,7 @@ def feature_bytes_per_pair(pool: WorkerPool, shards: list[Shard]) -> int:
             return call_with_recovery(pool, pool.actors[0],
                                       lambda actor, s=shard: actor.feature_bytes_per_pair.remote(s),
                                       f"curvature size, shard {shard.name}")
-        except ray.exceptions.RayTaskError as exc:  # an unreadable shard: try the next one
+        except (RayTaskError, RunInterrupted) as exc:  # bad or undelivered shard: size on the next one
             error = exc
     raise ValueError(f"train: no readable shard among the first {min(len(shards), 8)}: {error}")
 

@@ -34,6 +34,7 @@ from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits
 from ecif_ray.data.segments import PairBatch, Segment, collate_segment, load_segments, stream_segments
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import curvature_stacks, ggn_sum
+from ecif_ray.influence.engine import feature_bytes_per_pair
 from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery, stack_queries
 from ecif_ray.influence.sample import CurvatureGroup, CurvatureRequest, choose_segments
 from ecif_ray.influence.task import InfluenceTask, SegmentStack
@@ -200,9 +201,8 @@ class InfluenceWorker:
         first = next(self._stream(shard), None)
         if first is None:
             raise ValueError(f"train: {shard.name}: no readable pairs to size the curvature sample with")
-        batch = collate_segment(first, self.inputs.preprocess, self.inputs.tokenizer)
-        features = self.task.features(batch)
-        return max(1, features.nbytes // len(features))
+        return feature_bytes_per_pair(self.task, collate_segment(first, self.inputs.preprocess,
+                                                                 self.inputs.tokenizer))
 
     def ggn(self, groups: list[int], vectors: np.ndarray) -> list[np.ndarray]:
         """Σ_{m ∈ group} J_mᵀ Λ_m J_m V for each requested group (unnormalised, in request order)."""
@@ -240,12 +240,19 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -> InfluenceTask:
-    """Materialise the checkpoint the driver shipped (no shared filesystem needed), load it once."""
+@contextlib.contextmanager
+def _shipped(files: dict[str, bytes]) -> Iterator[str]:
+    """A temporary checkpoint directory holding the files the driver shipped (no shared filesystem)."""
     with tempfile.TemporaryDirectory(prefix="ecif-ckpt-") as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        ckpt = load_checkpoint(tmp, device=device, trusted_arch=settings.trusted_arch)
+        yield tmp
+
+
+def _load_task(files: dict[str, bytes], settings: WorkerSettings, device: str) -> InfluenceTask:
+    """Load the checkpoint the driver shipped, once."""
+    with _shipped(files) as path:
+        ckpt = load_checkpoint(path, device=device, trusted_arch=settings.trusted_arch)
     ckpt.model.to(getattr(torch, settings.dtype))
     return InfluenceTask.from_checkpoint(ckpt, n_train=settings.n_train, negative_term=settings.negative_term,
                                          delta=settings.delta)
@@ -259,10 +266,8 @@ def _load_reference(settings: WorkerSettings, device: str) -> ReferenceModel | N
         return ReferenceModel.load(settings.reference, device)
     import ray
 
-    with tempfile.TemporaryDirectory(prefix="ecif-reference-") as tmp:
-        for name, data in ray.get(settings.reference_files).items():
-            (Path(tmp) / name).write_bytes(data)
-        return ReferenceModel.load(tmp, device, trusted_arch=settings.trusted_arch)
+    with _shipped(ray.get(settings.reference_files)) as path:
+        return ReferenceModel.load(path, device, trusted_arch=settings.trusted_arch)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

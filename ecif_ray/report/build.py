@@ -15,7 +15,7 @@ import pandas as pd
 
 from ecif_ray.report.data import ReportError, RunData, join_truth, load_run, read_captions, read_truth
 from ecif_ray.report.figures import figure_at_k, figure_distribution, figure_roles, figure_shards
-from ecif_ray.report.html import TRACE_EXAMPLES_SHOWN, Report, model_check_of, render_html
+from ecif_ray.report.html import TRACE_EXAMPLES_SHOWN, Report, render_html
 from ecif_ray.report.numbers import (
     FLAG_FRACTION,
     at_k_curves,
@@ -162,7 +162,7 @@ def _summary(report: Report) -> dict[str, Any]:
         "run_id": run.manifest.run_id, "run_dir": run.url, "query": run.query, "status": run.manifest.status,
         "pairs": len(run.pairs), "harmful": int((run.pairs["ecif_is"] > 0).sum()), "errors": len(run.errors),
         "truth": report.truth_path, "truth_missing": report.truth_missing, "detection": report.detection,
-        "flag_fraction": report.flag_fraction, "model_check": model_check_of(run.manifest), "top": top,
+        "flag_fraction": report.flag_fraction, "model_check": run.manifest.model_check, "top": top,
         "trace_examples": int(report.trace["query_id"].nunique()) if not report.trace.empty else 0,
         "notes": report.notes,
     }

@@ -137,16 +137,11 @@ def render_html(report: Report) -> str:
 <div class="muted">run <b>{_esc(m.run_id)}</b> · {_esc(run.url)} · query <b>{_esc(run.query)}</b> ·
 checkpoint sha256 {_esc(str(m.checkpoint.get("sha256", ""))[:16])}… · finished {_esc(m.finished_at or "–")}</div>
 <nav>{nav_html}</nav>
-{_model_banner(model_check_of(m))}
+{_model_banner(m.model_check)}
 {"".join(sections)}
 </main></body></html>
 """
 
-
-def model_check_of(m: Manifest) -> dict[str, Any] | None:
-    """The manifest's ``model_check`` (runs scored before it existed have none)."""
-    check = (m.model_extra or {}).get("model_check")
-    return check if isinstance(check, dict) else None
 
 
 def _model_banner(check: dict[str, Any] | None) -> str:
@@ -348,7 +343,7 @@ def _lineage_html(run: RunData) -> str:
         ("N (training pairs of the model)", ck.get("n_train")), ("segment size", ck.get("segment_size")),
         ("dtype", ck.get("dtype")), ("negative term", m.score_inputs.get("negative_term")),
         ("queries", ", ".join(m.queries) + f" (primary {m.primary_query}; this report: {run.query})"),
-        ("model vs chance", _model_text(model_check_of(m))),
+        ("model vs chance", _model_text(m.model_check)),
         ("training shards", _spec_text(cfg.get("train"), m.score_inputs.get("train"))),
         ("validation shards", _spec_text(cfg.get("val"), m.score_inputs.get("val"))),
         ("test shards", _spec_text(cfg.get("test"), m.score_inputs.get("test"))),

@@ -18,7 +18,7 @@ def fetch_images(spec: str | list[str] | None, wanted: Iterable[tuple[str, str]]
     wanted key. Returns the images found and notes on what could not be found (never raises on
     missing or broken input: the report then shows a placeholder).
     """
-    from ecif_ray.data.samples import Sample, iter_shard
+    from ecif_ray.data.samples import Sample, ShardUnavailable, iter_shard
     from ecif_ray.data.shards import list_shards
 
     wanted_by_shard: dict[str, set[str]] = {}
@@ -41,15 +41,18 @@ def fetch_images(spec: str | list[str] | None, wanted: Iterable[tuple[str, str]]
             notes.append(f"shard {name} is not among the shards at {spec!r}")
             continue
         remaining = set(keys)
-        for item in iter_shard(shard, storage_options):
-            if isinstance(item, Sample):
-                if item.key in remaining:
-                    images[name, item.key] = item.image
-                    remaining.discard(item.key)
-                    if not remaining:
-                        break
-            elif item.stage in ("open", "read"):
-                notes.append(item.message)
+        try:
+            for item in iter_shard(shard, storage_options):
+                if isinstance(item, Sample):
+                    if item.key in remaining:
+                        images[name, item.key] = item.image
+                        remaining.discard(item.key)
+                        if not remaining:
+                            break
+                elif item.stage == "read":
+                    notes.append(item.message)
+        except ShardUnavailable as exc:  # moved or unreachable since the run: the report goes on without it
+            notes.append(str(exc))
         if remaining:
             notes.append(f"shard {name}: {len(remaining)} image(s) not found (e.g. key {sorted(remaining)[0]!r})")
     return images, notes

@@ -49,6 +49,8 @@ class Manifest(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per pass
     workers: dict[str, Any] = Field(default_factory=dict)
     memory: dict[str, Any] = Field(default_factory=dict)  # peak RSS bytes: driver_peak_rss_bytes, workers
+    model_check: dict[str, Any] | None = None  # validation loss vs chance (pipeline.results.model_check)
+    invocations: list[dict[str, Any]] = Field(default_factory=list)  # one entry per run_score call
     code_version: str = ""
 
 

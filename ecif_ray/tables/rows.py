@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ecif_ray.data.samples import ErrorRecord
+if TYPE_CHECKING:  # data.samples imports webdataset, which imports torch
+    from ecif_ray.data.samples import ErrorRecord
 
 QUERY_INPUTS = "query-inputs"  # the file name of the query sets' error rows (no shard id ends without .tar)
 
