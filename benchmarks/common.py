@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ecif_ray.data.corpus import CorpusSpec, build_corpus
+from ecif_ray.data.corpus import CONFUSABLE_SUBSTITUTIONS, CorpusSpec, build_corpus
 from ecif_ray.models.checkpoint import read_meta
 from ecif_ray.training import TrainConfig, train
 
@@ -93,12 +93,8 @@ def recipe_for(dataset: str, pretrain_size: int | None = None, pretrain_epochs: 
 # Cached artefacts
 
 
-# Systematic noise (kind "substitute"): each source class partly captioned as a neighbouring class,
-# the confusions a shop's alt-text makes (issue 13's probe); ``noise`` = fraction of each source class.
-SUBSTITUTIONS = {
-    "fashion-mnist": (("shirt", "t-shirt/top"), ("pullover", "coat"), ("sneaker", "sandal")),
-    "digits": (("three", "eight"), ("seven", "one"), ("four", "nine")),
-}
+# Systematic noise (kind "substitute"): the demo's substitutions, ``noise`` = fraction of each source class.
+SUBSTITUTIONS = CONFUSABLE_SUBSTITUTIONS
 
 
 def corpus(work: Path, recipe: Recipe, train_size: int, noise: float, kind: str, seed: int) -> Path:

@@ -13,6 +13,10 @@ Methods (all on the same fine-tuned model θ̂):
   ecif-auto    ecif-exact with the label-free analysis damping ``auto`` (0.1 × G's mean eigenvalue)
   pos-only     pos_is of the ecif-exact run: the classical pointwise influence function
   pos-damped   pos_is of the ecif-damped run; pos-auto: pos_is of the ecif-auto run
+  misalignment the product's `misalignment` column without a reference model (tables.misalignment): the
+               mean run-wide percentile of pos_is at the misalignment damping (0.1 × λ₁(G)) and of −clip_score
+  misalignment-ref  the same column with the clean pretrained checkpoint as the run's reference
+               (`--reference`): the CLIP-score percentile is the reference model's
   clip-score   −clip_score of θ̂ itself (the audited model's own CLIP score)
   external-clip-score  −clip_score of the clean pretrained checkpoint (a DataComp-style filter with a
                reference model that never saw the noisy corpus)
@@ -65,16 +69,19 @@ from ecif_ray.evaluation import evaluate
 from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import Damping, SolverSettings
 from ecif_ray.influence.engine import ECIF
-from ecif_ray.influence.queries import ValidationQuery
+from ecif_ray.influence.queries import MISALIGNMENT_QUERY, ValidationQuery
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.metrics import detection_metrics
 from ecif_ray.models.checkpoint import Checkpoint, load_checkpoint
 from ecif_ray.models.factory import similarity_matrix
+from ecif_ray.tables.misalignment import with_misalignment
 
 METHODS = ("ecif-exact", "ecif-taylor", "ecif-damped", "ecif-auto", "pos-only", "pos-damped", "pos-auto",
-           "clip-score", "external-clip-score", "loss", "tracin", "trak", "trak-reg", "ekfac")
+           "misalignment", "misalignment-ref", "clip-score", "external-clip-score", "loss", "tracin", "trak",
+           "trak-reg", "ekfac")
 METRICS = ("auroc", "average_precision", "precision_at_k", "hits_top10", "seconds")
 Scores = dict[tuple[str, str], float]
+MISALIGNMENT_POS = "misalignment-pos"  # cached with "misalignment": pos_is at the misalignment damping
 
 
 @dataclass
@@ -145,6 +152,16 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
             with timed(seconds, "ecif-taylor"):
                 out["ecif-taylor"] = table_scores(engine.score(model.train, directions).to_pydict(), "ecif_is")
             seconds["ecif-taylor"] += solve["s"]
+    if wanted & {"misalignment", "misalignment-ref"}:
+        with timed(seconds, "misalignment"):
+            engine = ecif_engine(model, curvature_segments, solver)
+            directions = engine.solve(ValidationQuery(model.val), misalignment="auto")
+            table = engine.score(model.train, directions).to_pydict()
+        out["misalignment"] = table_scores(table, "misalignment")
+        out[MISALIGNMENT_POS] = table_scores(table, "misalignment_pos_is")
+        seconds[MISALIGNMENT_POS] = seconds["misalignment"]
+        solver_notes["misalignment"] = {**solver_note(directions), "delta": engine.task.delta,
+                                        "misalignment_delta": directions.settings[MISALIGNMENT_QUERY]["delta"]}
     for method, pos, damping in (("ecif-damped", "pos-damped", damped_delta), ("ecif-auto", "pos-auto", "auto")):
         if not wanted & {method, pos}:
             continue
@@ -157,6 +174,17 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
         solver_notes[method] = {**solver_note(directions), "delta": engine.task.delta,
                                 "curvature_pairs": engine.curvature_pairs}
     return out
+
+
+def misalignment_with_reference(scores: dict[str, list[float]]) -> list[float]:
+    """The ``misalignment`` column of a run with the clean pretrained checkpoint as ``--reference``,
+    computed by the product's own definition from the cached per-pair columns."""
+    import pyarrow as pa
+
+    table = pa.table({"misalignment_pos_is": scores[MISALIGNMENT_POS],
+                      "clip_score": [-v for v in scores["clip-score"]],
+                      "reference_clip_score": [-v for v in scores["external-clip-score"]]})
+    return with_misalignment(table)["misalignment"].to_pylist()
 
 
 @torch.no_grad()
@@ -278,6 +306,10 @@ def _cached_scores(args: argparse.Namespace, subset: str, seed: int, corpus_dir:
     for method, values in scores.items():
         cached["scores"][method] = [values[k] for k in keys]
         cached["seconds"][method] = seconds[method]
+    if "misalignment-ref" in wanted:
+        cached["scores"]["misalignment-ref"] = misalignment_with_reference(cached["scores"])
+        cached["seconds"]["misalignment-ref"] = cached["seconds"]["misalignment"] + \
+            cached["seconds"]["external-clip-score"]
     cached["notes"].update(notes)
     cached.setdefault("solver", {}).update(solver_notes)
     cache.write_text(json.dumps(cached))

@@ -7,11 +7,13 @@ per-pair scores of ``detection.py`` (reused from its cache, or computed here):
   <method>       remove the top ``--fraction`` most harmful pairs by that method and retrain: the same
                  staged fine-tuning recipe from the same pretrained checkpoint, with ``exclude=``
   random         remove a random ``--fraction`` and retrain
+  (methods: detection.py's, e.g. misalignment, misalignment-ref, external-clip-score)
   ecif-edit      θ̃ = θ̂ + ΣΔθ for the ecif-exact top ``--fraction`` (one preconditioned CG solve, no
                  retraining; ``ECIF.edit``)
 
 Runtime of a row = the method's scoring time (as measured by detection) + retraining (or + the
-edit solve). Zero-shot test accuracy and validation loss for each.
+edit solve). Zero-shot test accuracy and validation loss for each; on substitution corpora also the
+accuracy on the substituted (source) classes, ``affected_accuracy``.
 
     python benchmarks/removal.py --train-size 4000 --noise 0.2 --kinds swap-class --subsets heads
 
@@ -21,6 +23,7 @@ Writes <out>.json (args, rows, aggregates) and <out>.csv.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -51,7 +54,7 @@ from ecif_ray.models.checkpoint import load_checkpoint
 
 DEFAULT_METHODS = [
     "ecif-exact", "ecif-damped", "pos-only", "clip-score", "loss", "tracin", "trak", "trak-reg", "ekfac"]
-METRICS = ("zero_shot_accuracy", "val_loss", "seconds", "removed_misaligned")
+METRICS = ("zero_shot_accuracy", "affected_accuracy", "val_loss", "seconds", "removed_misaligned")
 
 
 def top_harmful(setting: Setting, method: str, count: int) -> list[tuple[str, str]]:
@@ -67,8 +70,14 @@ def write_exclusions(path: Path, pairs: list[tuple[str, str]]) -> Path:
 
 
 def quality(ckpt, corpus_dir: Path) -> dict:
+    """Zero-shot accuracy overall and, on substitution corpora, on the substituted (source) classes."""
     result = evaluate(ckpt, str(corpus_dir / "test"), str(corpus_dir / "val"))
-    return {"zero_shot_accuracy": result["zero_shot_accuracy"], "val_loss": result["val_loss"]}
+    row = {"zero_shot_accuracy": result["zero_shot_accuracy"], "val_loss": result["val_loss"]}
+    spec = json.loads((corpus_dir / "corpus.json").read_text()).get("spec", {})
+    sources = [source for source, _ in spec.get("substitutions") or ()]
+    if sources:
+        row["affected_accuracy"] = float(np.mean([result["per_class_accuracy"][c] for c in sources]))
+    return row
 
 
 def retrain_row(args: argparse.Namespace, recipe, setting: Setting, seed: int, subset: str, name: str,
@@ -136,15 +145,15 @@ def run_setting(args: argparse.Namespace, recipe, seed: int, noise: float, kind:
 
 
 def summary_table(summary: list[dict]) -> str:
-    header = ["subset", "noise kind", "noise", "method", "model", "seeds", "zero-shot acc (%)", "val loss",
-              "misaligned among removed", "time (s)"]
+    header = ["subset", "noise kind", "noise", "method", "model", "seeds", "zero-shot acc (%)",
+              "substituted classes acc (%)", "val loss", "misaligned among removed", "time (s)"]
     lines = []
     for s in summary:
-        acc = {k: (v * 100 if isinstance(v, float) and k.startswith("zero_shot_accuracy") else v)
-               for k, v in s.items()}
+        acc = {k: (v * 100 if isinstance(v, float) and k.startswith(("zero_shot_accuracy", "affected_accuracy"))
+                   else v) for k, v in s.items()}
         lines.append([s["subset"], s["noise_kind"], f"{s['noise']:g}", s["method"], s["removal"], s["n"],
-                      pm(acc, "zero_shot_accuracy", 2), pm(s, "val_loss", 4), pm(s, "removed_misaligned", 2),
-                      pm(s, "seconds", 1)])
+                      pm(acc, "zero_shot_accuracy", 2), pm(acc, "affected_accuracy", 2), pm(s, "val_loss", 4),
+                      pm(s, "removed_misaligned", 2), pm(s, "seconds", 1)])
     return markdown_table(header, lines)
 
 

@@ -129,6 +129,9 @@ class ScoreConfig(BaseModel):
     damping: Literal["exact", "auto"] | float = Field(
         "exact", description="δ of the analysis: exact (the checkpoint's training δ), auto (0.1 × G's mean "
         "eigenvalue, at least the training δ) or a number (docs/concepts.md)")
+    misalignment_damping: Literal["auto"] | float = Field(
+        "auto", description="δ of the misalignment direction (pairs.misalignment_pos_is): auto (a fixed fraction "
+        "of G's largest eigenvalue, at least the analysis δ) or a number (docs/concepts.md)")
     curvature_segments: int | None = Field(None, ge=1, description="segments in the curvature sample (default: "
                                            "every segment up to the memory cap)")
     curvature_memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=1, description="trunk features of the curvature sample "
@@ -231,7 +234,8 @@ class ScoreConfig(BaseModel):
     def score_inputs(self) -> dict[str, Any]:
         """The fields that change what the scores mean (the rest only changes how they are computed)."""
         keep = ("train", "val", "test", "classes", "queries", "negative_term", "segment_size", "n_train", "damping",
-                "curvature_segments", "curvature_shards", "curvature_seed", "curvature_memory_mb", "dtype")
+                "misalignment_damping", "curvature_segments", "curvature_shards", "curvature_seed",
+                "curvature_memory_mb", "dtype")
         inputs = {name: getattr(self, name) for name in keep}
         inputs["solver"] = self.solver.model_dump()
         inputs["trace"] = None if self.trace is None else self.trace.model_dump()

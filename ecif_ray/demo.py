@@ -1,12 +1,14 @@
 """`ecif-ray demo`: the whole product on the embedded default, end to end, in minutes.
 
-1. build a real corpus with known misalignment (Fashion-MNIST when its Debian package is
-   installed, else scikit-learn digits, which ships with pip), 20% swap-class noise;
+1. build a real corpus with *systematic* misalignment (Fashion-MNIST when its Debian package is
+   installed, else scikit-learn digits, which ships with pip): a fraction of each of three classes
+   captioned as the class it is confused with (shirt → "t-shirt/top", ...), the errors a model learns;
 2. pretrain the small open_clip config on the clean pretrain split, fine-tune its heads on the
-   noisy corpus (the θ̂ that ECIF analyses);
-3. run the distributed scoring job on a local Ray cluster (Parquet tables in the run dir);
-4. query the tables with DuckDB and print detection quality against the ground truth, next to
-   CLIP-score filtering and per-pair loss.
+   noisy corpus (the θ̂ that ECIF analyses); the pretrained model is the clean reference;
+3. run the distributed scoring job on a local Ray cluster (Parquet tables in the run dir), with the
+   reference model's CLIP score and trace-back of test mispredictions;
+4. query the tables with DuckDB: detection quality of ``misalignment`` against the ground truth, next
+   to CLIP-score filtering by the audited model and by the reference, and one traced-back mistake.
 
 Every step is skipped when its output already exists, so a rerun picks up where it stopped.
 """
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ecif_ray.data.corpus import CorpusSpec, build_corpus
+from ecif_ray.data.corpus import CONFUSABLE_SUBSTITUTIONS, CorpusSpec, build_corpus
 from ecif_ray.data.datasets import load_dataset
 from ecif_ray.metrics import detection_metrics
 
@@ -54,9 +56,10 @@ def _step(name: str, done: bool) -> bool:
     return not done
 
 
-def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: int = 0) -> dict:
-    from ecif_ray.config import ScoreConfig
+def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.4, seed: int = 0) -> dict:
+    from ecif_ray.config import ScoreConfig, TraceConfig
     from ecif_ray.pipeline.run import run_score
+    from ecif_ray.tables.misalignment import misalignment_select
     from ecif_ray.tables.views import connect
     from ecif_ray.training import TrainConfig, train
 
@@ -67,9 +70,11 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: in
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    if _step(f"build {plan.dataset} corpus with {noise:.0%} misaligned captions", (corpus / "corpus.json").exists()):
-        build_corpus(CorpusSpec(dataset=plan.dataset, out=corpus, noise=noise, noise_kind="swap-class",
-                                shard_size=plan.shard_size, seed=seed, overwrite=True,
+    substitutions = CONFUSABLE_SUBSTITUTIONS[plan.dataset]
+    named = ", ".join(f"{src} → {dst!r}" for src, dst in substitutions)
+    if _step(f"build {plan.dataset} corpus, {noise:.0%} of {named} captioned wrong", (corpus / "corpus.json").exists()):
+        build_corpus(CorpusSpec(dataset=plan.dataset, out=corpus, noise=noise, noise_kind="substitute",
+                                substitutions=substitutions, shard_size=plan.shard_size, seed=seed, overwrite=True,
                                 **{f"{k}_size": v for k, v in plan.sizes.items()}))
     timings["corpus_s"] = time.perf_counter() - t
 
@@ -89,21 +94,30 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: in
 
     t = time.perf_counter()
     print(f"[demo] score every training pair on a local Ray cluster ({workers} workers)", flush=True)
-    # The defaults: curvature over every training pair (cached trunk features), float64 for the heads.
+    # The defaults (curvature over every training pair, float64 for the heads), plus the clean
+    # pretrained model as reference and trace-back of test mispredictions.
     result = run_score(ScoreConfig(ckpt=str(work / "finetuned"), train=str(corpus / "train"),
-                                   val=str(corpus / "val"), out=str(work / "run"), workers=workers))
+                                   val=str(corpus / "val"), test=str(corpus / "test"), out=str(work / "run"),
+                                   reference=str(work / "pretrained"), trace=TraceConfig(examples=10),
+                                   workers=workers))
     timings["score_s"] = time.perf_counter() - t
 
     con = connect(str(work / "run"))
     con.execute(f"CREATE VIEW truth AS SELECT * FROM read_parquet('{corpus / 'truth.parquet'}')")
-    rows = con.execute("""
-        SELECT p.ecif_is, p.clip_score, p.loss, t.misaligned
-        FROM pairs p JOIN truth t USING (shard, key)""").fetchnumpy()
+    no_reference = misalignment_select("(SELECT * EXCLUDE (misalignment) REPLACE (CAST(NULL AS DOUBLE) AS "
+                                       "reference_clip_score) FROM pairs)")
+    rows = con.execute(f"""
+        SELECT p.misalignment, a.misalignment AS own, p.misalignment_pos_is, p.ecif_is, p.clip_score,
+               p.reference_clip_score, p.loss, t.misaligned
+        FROM pairs p JOIN ({no_reference}) a USING (shard, key) JOIN truth t USING (shard, key)""").fetchnumpy()
     truth = rows["misaligned"].astype(bool)
     quality = {
-        "ECIF (ecif_is, high = harmful)": detection_metrics(rows["ecif_is"], truth),
-        "CLIP score (low = suspicious)": detection_metrics(-rows["clip_score"], truth),
+        "misalignment (with the reference)": detection_metrics(rows["misalignment"], truth),
+        "misalignment without a reference": detection_metrics(rows["own"], truth),
+        "reference CLIP score (low = suspicious)": detection_metrics(-rows["reference_clip_score"], truth),
+        "own CLIP score (low = suspicious)": detection_metrics(-rows["clip_score"], truth),
         "per-pair loss (high = suspicious)": detection_metrics(rows["loss"], truth),
+        "ecif_is (removal effect, not a detector)": detection_metrics(rows["ecif_is"], truth),
     }
     print_report(con, quality)
     from ecif_ray.report import build_report
@@ -121,25 +135,44 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.2, seed: in
 
 
 def print_report(con, quality: dict[str, dict]) -> None:
-    print("\n[demo] SQL: the 10 pairs ECIF finds most harmful (ecif_is > 0: removing them lowers val loss)")
+    print("\n[demo] SQL: the 10 pairs most likely misaligned (ORDER BY misalignment DESC)")
     top = con.execute("""
-        SELECT p.shard, p.key, p.caption, t.true_class, round(p.ecif_is, 6) AS ecif_is, t.misaligned
-        FROM pairs p JOIN truth t USING (shard, key) ORDER BY p.ecif_is DESC LIMIT 10""").fetchall()
+        SELECT p.shard, p.key, p.caption, t.true_class, round(p.misalignment, 4), t.misaligned
+        FROM pairs p JOIN truth t USING (shard, key) ORDER BY p.misalignment DESC LIMIT 10""").fetchall()
     for shard, key, caption, true_class, score, misaligned in top:
         flag = "MISALIGNED" if misaligned else "clean"
-        print(f"  {shard:18} {key:14} {score:>10}  {flag:10} caption={caption!r} image={true_class!r}")
-    print("\n[demo] SQL: flagged rate per shard (top 20% by ecif_is) vs true misalignment rate")
-    per_shard = con.execute("""
-        WITH ranked AS (SELECT shard, key, ecif_is, percent_rank() OVER (ORDER BY ecif_is DESC) AS pr FROM pairs)
-        SELECT r.shard, round(avg(CASE WHEN r.pr < 0.2 THEN 1 ELSE 0 END), 3) AS flagged,
-               round(avg(t.misaligned::INT), 3) AS misaligned
-        FROM ranked r JOIN truth t USING (shard, key) GROUP BY r.shard ORDER BY r.shard""").fetchall()
-    for shard, flagged, misaligned in per_shard:
-        print(f"  {shard:18} flagged {flagged:<6} truly misaligned {misaligned}")
-    print("\n[demo] detection of the injected misaligned pairs")
-    print(f"  {'method':36} {'AUROC':>7} {'AP':>7} {'P@k':>7} {'top-10':>7}")
+        print(f"  {shard:18} {key:14} {score:>7}  {flag:10} caption={caption!r} image={true_class!r}")
+    print("\n[demo] detection of the substituted captions")
+    print(f"  {'method':42} {'AUROC':>7} {'AP':>7} {'P@k':>7} {'top-10':>7}")
     for method, m in quality.items():
-        print(f"  {method:36} {m['auroc']:>7.3f} {m['average_precision']:>7.3f} {m['precision_at_k']:>7.3f} "
+        print(f"  {method:42} {m['auroc']:>7.3f} {m['average_precision']:>7.3f} {m['precision_at_k']:>7.3f} "
               f"{m['hits_top10']:>7d}")
+    print("  The model learned these substitutions, so its own CLIP score misses most of them. For random caption\n"
+          "  noise (a caption swapped with another pair's) a CLIP-score filter is enough (BENCHMARKS.md §1).")
+    print_traced_mistake(con)
     print()
 
+
+def print_traced_mistake(con) -> None:
+    """One test image the model gets wrong, traced back to the training pairs that taught it the mistake."""
+    traced = con.execute("""
+        WITH q AS (SELECT DISTINCT query_id, split_part(query_id, '/', 1) AS shard,
+                                   split_part(query_id, '/', 2) AS key FROM trace)
+        SELECT q.query_id, t.true_class FROM q JOIN truth t USING (shard, key)
+        ORDER BY (t.true_class IN (SELECT DISTINCT true_class FROM truth WHERE misaligned)) DESC, q.query_id
+        LIMIT 1""").fetchall()
+    if not traced:
+        print("\n[demo] trace-back: the model got no test image wrong")
+        return
+    query_id, true_class = traced[0]
+    print(f"\n[demo] trace-back: test image {query_id} (a {true_class!r}), mispredicted; the training pairs "
+          "behind it (relative-IS):")
+    rows = con.execute("""
+        SELECT r.rank, r.shard, r.key, p.caption, t.true_class, t.misaligned
+        FROM trace r JOIN pairs p USING (shard, key) JOIN truth t USING (shard, key)
+        WHERE r.query_id = ? ORDER BY r.rank""", [query_id]).fetchall()
+    for rank, shard, key, caption, image, misaligned in rows:
+        flag = "SUBSTITUTED" if misaligned else "clean"
+        print(f"  {rank:>2} {shard:18} {key:14} {flag:11} caption={caption!r} image={image!r}")
+    hits = sum(1 for row in rows if row[-1])
+    print(f"  {hits} of {len(rows)} are substituted pairs")

@@ -17,14 +17,16 @@ from ecif_ray.models.zeroshot import ClassSet, class_embeddings, find_classes, l
 
 
 @torch.no_grad()
-def zero_shot_accuracy(bundle: ClipBundle, batches: list[PairBatch], classes: ClassSet) -> float:
+def zero_shot_predictions(bundle: ClipBundle, batches: list[PairBatch], classes: ClassSet
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(true labels, predicted labels) of every test image against the class prompts."""
     classifier = class_embeddings(bundle, classes)
-    correct = total = 0
+    labels, predicted = [], []
     for b in batches:
-        predicted = (encode(bundle.model, images=b.images.to(classifier.device))[0] @ classifier.T).argmax(dim=1)
-        correct += int((predicted.cpu() == labels_of(b)).sum())
-        total += len(b)
-    return correct / max(total, 1)
+        predicted.append((encode(bundle.model, images=b.images.to(classifier.device))[0] @ classifier.T)
+                         .argmax(dim=1).cpu())
+        labels.append(labels_of(b))
+    return (torch.cat(labels), torch.cat(predicted)) if labels else (torch.zeros(0), torch.zeros(0))
 
 
 @torch.no_grad()
@@ -41,11 +43,15 @@ def evaluate(ckpt: Checkpoint, test: str | list[str], val: str | list[str] | Non
     test_batches, test_errors = load_segments(test, segment_size=256, preprocess=bundle.preprocess,
                                               tokenizer=bundle.tokenizer, storage_options=storage_options)
     classes = find_classes(test, classes_path, storage_options, test_batches)
+    labels, predicted = zero_shot_predictions(bundle, test_batches, classes)
+    correct = labels == predicted
     result = {
-        "zero_shot_accuracy": zero_shot_accuracy(bundle, test_batches, classes),
-        "test_examples": sum(len(b) for b in test_batches),
+        "zero_shot_accuracy": float(correct.float().mean()) if len(labels) else 0.0,
+        "test_examples": len(labels),
         "test_errors": len(test_errors),
         "classes": list(classes.names),
+        "per_class_accuracy": {name: float(correct[labels == c].float().mean())
+                               for c, name in enumerate(classes.names) if bool((labels == c).any())},
     }
     if val is not None:
         val_batches, val_errors = load_segments(val, segment_size=ckpt.meta.segment_size,

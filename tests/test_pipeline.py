@@ -17,7 +17,7 @@ from ecif_ray.cli import main
 from ecif_ray.config import ScoreConfig
 from ecif_ray.influence.curvature import DEFAULT_SOLVER, SolverSettings
 from ecif_ray.influence.engine import ECIF
-from ecif_ray.influence.queries import ExampleQuery, ValidationQuery, ZeroShotQuery
+from ecif_ray.influence.queries import MISALIGNMENT_QUERY, ExampleQuery, ValidationQuery, ZeroShotQuery
 from ecif_ray.influence.traceback import mispredicted
 from ecif_ray.models.checkpoint import checkpoint_fingerprint
 from ecif_ray.models.zeroshot import find_classes
@@ -74,16 +74,20 @@ def test_scores_equal_the_single_process_engine(scored_run, heads_ckpt, digits_c
     classes = find_classes(str(digits_corpus / "test"))
     wrong = ExampleQuery(mispredicted(engine.task, test, classes, limit=4), classes)
     directions = engine.solve(ValidationQuery(engine.load(str(digits_corpus / "val"))),
-                              ZeroShotQuery(test, classes, name="task"), wrong)
-    assert directions.converged and directions.names[2:] == meta["traced"] and len(meta["traced"]) == 4
+                              ZeroShotQuery(test, classes, name="task"), wrong, misalignment="auto")
+    assert directions.converged and directions.names[2:-1] == meta["traced"] and len(meta["traced"]) == 4
+    assert directions.names[-1] == MISALIGNMENT_QUERY == meta["names"][2]  # the run's: after the named queries
     want = engine.score(engine.train_batches, directions).to_pandas()
     pairs = pq.read_table(Path(scored_run.out) / "pairs").to_pandas()  # file order = shard, segment order
     scores = pq.read_table(Path(scored_run.out) / "scores").to_pandas()
     val, task = (want[want["query"] == name] for name in directions.names[:2])
     assert pairs["key"].tolist() == val["key"].tolist() == task["key"].tolist()
-    for name in SCORE_COLUMNS:
+    for name in (*SCORE_COLUMNS, "misalignment_pos_is"):
         close(pairs[name].to_numpy(), torch.tensor(val[name].to_numpy()))
     close(scores["ecif_is"].to_numpy(), torch.tensor(task["ecif_is"].to_numpy()))
+    assert set(scores["query"]) == {"task"}  # the misalignment direction is a column, not a query
+    ranked = connect(scored_run.out).sql("SELECT key, misalignment FROM pairs ORDER BY shard, shard_index").df()
+    np.testing.assert_allclose(ranked["misalignment"].to_numpy(), val["misalignment"].to_numpy(), atol=1e-12)
 
     trace = table(scored_run.out, "trace").to_pylist()
     expected = engine.trace(test, classes, top_k=3, max_examples=4, rank=64).to_pylist()
@@ -113,7 +117,10 @@ def test_lineage_in_manifest_and_parquet_metadata(scored_run, heads_ckpt):
     assert manifest.solver["converged"] and manifest.solver["tol"] == tol
     assert max(manifest.solver["relative_residual"].values()) <= tol
     assert manifest.solver["delta"] == 1e-2  # damping "exact": the checkpoint's training δ
-    assert manifest.solver["damping"] == {"rule": "exact", "training_delta": 1e-2, "delta": 1e-2}
+    damping = manifest.solver["damping"]
+    assert {k: damping[k] for k in ("rule", "training_delta", "delta", "misalignment_rule")} == {
+        "rule": "exact", "training_delta": 1e-2, "delta": 1e-2, "misalignment_rule": "auto"}
+    assert damping["misalignment_delta"] >= 1e-2  # 0.1 × λ₁(G), never below the analysis δ
     assert manifest.curvature["segments"] == 4 and manifest.curvature["pairs"] == 64
     assert manifest.counts["pairs"] == 128 and manifest.counts["errors"] == 0
     assert {"startup_s", "curvature_s", "scoring_s", "total_s"} <= set(manifest.timings)

@@ -72,10 +72,11 @@ def test_report_is_self_contained_with_thumbnails_and_every_section(report, scor
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs"] == 128 and summary["truth_missing"] == 0 and summary["trace_examples"] == 4
     assert summary["model_check"]["near_chance"] is False
-    assert [d["method"].split()[0] for d in summary["detection"]] == ["ECIF", "CLIP", "per-pair"]
+    # no --reference in this run: no reference row
+    assert [d["method"].split()[0] for d in summary["detection"]] == ["misalignment", "ecif_is", "CLIP", "per-pair"]
     assert [row["rank"] for row in summary["top"]] == list(range(1, TOP + 1))
-    ecif = [row["ecif_is"] for row in summary["top"]]
-    assert ecif == sorted(ecif, reverse=True)
+    ranked = [row["misalignment"] for row in summary["top"]]  # "flagged" ranks by misalignment
+    assert ranked == sorted(ranked, reverse=True) and "misalignment <b>" in page
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="headless screenshot check needs /usr/bin/chromium "
@@ -132,15 +133,18 @@ def test_curves_rates_and_trace_ranking_on_small_frames():
                           "ecif_is": [0.4, -0.1, 0.3, 0.0], "clip_score": [1.0, 2.0, 3.0, 4.0],
                           "loss": [0.1, 0.2, 0.3, 0.4], "misaligned": [True, False, True, False]})
     curves = at_k_curves(pairs)
-    ecif = curves[curves["method"].str.startswith("ECIF")]
+    assert not curves["method"].str.startswith(("misalignment", "reference")).any()  # columns the run lacks
+    ecif = curves[curves["method"].str.startswith("ecif_is")]
     assert ecif["precision"].tolist() == [1.0, 1.0, 2 / 3, 0.5] and ecif["recall"].tolist() == [0.5, 1, 1, 1]
     clip = curves[curves["method"].str.startswith("CLIP")]  # lowest CLIP score first: a, a(2), b(3), b(4)
     assert clip["precision"].tolist()[0] == 1.0
 
     errors = pd.DataFrame({"shard": ["b", "c"], "key": ["x", ""], "stage": ["image", "open"],
                            "error": ["E", "E"], "message": ["m", "m"]})
-    rates = shard_rates(pairs, errors, fraction=0.5).set_index("shard")
+    rates = shard_rates(pairs, errors, fraction=0.5).set_index("shard")  # no misalignment column: by ecif_is
     assert rates.loc["a", "flagged_rate"] == 0.5 and rates.loc["b", "flagged_rate"] == 0.5
+    by_misalignment = shard_rates(pairs.assign(misalignment=[0.1, 0.2, 0.9, 0.8]), errors, fraction=0.5)
+    assert by_misalignment.set_index("shard").loc["b", "flagged_rate"] == 1.0
     assert rates.loc["a", "misaligned_rate"] == 0.5 and rates.loc["c", "pairs"] == 0
     assert rates["errors"].tolist() == [0, 1, 1]
 

@@ -8,6 +8,7 @@ import torch
 from ecif_ray.influence.solvers import (
     NystromPreconditioner,
     conjugate_gradient,
+    dense_preconditioner,
     dense_solve,
     nystrom_preconditioner,
 )
@@ -170,3 +171,27 @@ def test_float32_solve_with_preconditioner(device: str) -> None:
     assert res.iterations <= 10
     exact = dense_solve(G.double().cpu(), b.double().cpu(), damping)
     assert rel_err(res.x.double().cpu(), exact).max() < 1e-3
+
+
+def test_misalignment_damping_is_a_tenth_of_the_top_eigenvalue_and_never_below_the_analysis_delta():
+    from ecif_ray.influence.curvature import resolve_misalignment_damping, top_eigenvalue
+
+    generator = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.cat([torch.tensor([5.0, 1.0], dtype=torch.float64), torch.rand(38, generator=generator,
+                                                                                        dtype=torch.float64) * 0.5])
+    G = Q @ torch.diag(eigenvalues) @ Q.T
+
+    def matvec(V):
+        return G @ V
+
+    power = top_eigenvalue(matvec, 40, dtype=torch.float64, device="cpu")
+    assert power == pytest.approx(5.0, rel=1e-9)  # power iteration: gap 5 : 1, 30 steps
+    exact = top_eigenvalue(matvec, 40, dtype=torch.float64, device="cpu",
+                           preconditioner=dense_preconditioner(matvec, 40, 1e-3, dtype=torch.float64, device="cpu"))
+    assert exact == pytest.approx(5.0, rel=1e-12)
+    assert resolve_misalignment_damping("auto", 1e-3, lambda: exact) == pytest.approx(0.5)
+    assert resolve_misalignment_damping("auto", 2.0, lambda: exact) == 2.0  # at least the analysis δ
+    assert resolve_misalignment_damping(0.25, 1e-3, lambda: pytest.fail("λ₁ not needed")) == 0.25
+    with pytest.raises(ValueError, match="misalignment_damping"):
+        resolve_misalignment_damping(0.0, 1e-3, lambda: exact)

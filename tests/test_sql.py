@@ -9,8 +9,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from scipy.stats import rankdata
 
 from ecif_ray.cli import main
 from ecif_ray.data.exclusions import read_exclusions
@@ -61,6 +63,11 @@ def test_every_cookbook_query_runs(scored_run, resolve, flags, capsys, tmp_path)
 
 def test_cookbook_answers_agree_with_the_tables(scored_run, resolve, flags, capsys, digits_corpus):
     top = sql(scored_run.out, resolve(cookbook()[0]), capsys)
+    ranked = [r["misalignment"] for r in top]
+    assert len(top) == 20 and ranked == sorted(ranked, reverse=True)
+    by_hand = sql(scored_run.out, resolve(next(q for q in cookbook() if "misalignment2" in q)), capsys)
+    assert [r["misalignment2"] for r in by_hand] == pytest.approx(ranked)  # the SQL given for other engines
+    top = sql(scored_run.out, resolve(next(q for q in cookbook() if "ecif_is, pos_is, neg_is" in q)), capsys)
     assert len(top) == 20 and [r["ecif_is"] for r in top] == sorted((r["ecif_is"] for r in top), reverse=True)
     assert top[0]["ecif_is"] == scored_run.top[0]["ecif_is"] and top[0]["key"] == scored_run.top[0]["key"]
 
@@ -100,3 +107,19 @@ def test_table_format_and_bad_input(scored_run, capsys, tmp_path):
     assert "no_such_table" in capsys.readouterr().err
     assert main(["sql", str(tmp_path), "SELECT 1"]) == 2
     assert "not an ecif-ray run directory" in capsys.readouterr().err
+
+
+def test_misalignment_ranks_the_run(scored_run, capsys):
+    """The issue's query works on a run, and the column is its documented definition: the mean of the
+    run-wide percentiles of misalignment_pos_is and of −clip_score (no reference model here)."""
+    top = sql(scored_run.out, "SELECT key, misalignment FROM pairs ORDER BY misalignment DESC LIMIT 10", capsys)
+    assert len(top) == 10 and all(0 < r["misalignment"] <= 1 for r in top)
+    pairs = pq.read_table(Path(scored_run.out) / "pairs").to_pandas()
+    assert pairs["misalignment_pos_is"].notna().all() and pairs["reference_clip_score"].isna().all()
+    n = len(pairs)
+    want = (rankdata(pairs["misalignment_pos_is"], method="max") / n
+            + rankdata(-pairs["clip_score"], method="max") / n) / 2
+    rows = sql(scored_run.out, "SELECT key, misalignment FROM pairs", capsys)
+    got = {r["key"]: r["misalignment"] for r in rows}
+    np.testing.assert_allclose([got[k] for k in pairs["key"]], want, rtol=1e-12)
+    np.testing.assert_allclose([r["misalignment"] for r in top], np.sort(want)[::-1][:10], rtol=1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,6 +20,7 @@ from ecif_ray.tables import (
     read_manifest,
     write_manifest,
 )
+from ecif_ray.tables.misalignment import with_misalignment
 from ecif_ray.tables.schema import conform, empty
 from ecif_ray.tables.store import MANIFEST
 
@@ -161,3 +163,34 @@ def test_run_on_s3(s3_bucket):
     assert con.sql("SELECT DISTINCT run_id FROM pairs").fetchall() == [(RUN,)]
     assert con.sql("SELECT count(*) FROM errors").fetchall() == [(1,)]
     assert con.sql("SELECT run_dir FROM runs").fetchall() == [(url,)]
+
+
+def test_misalignment_is_a_per_run_rank_mean_using_the_reference_when_present(tmp_path):
+    """misalignment = ½ (percentile of misalignment_pos_is + percentile of −similarity) within each run;
+    similarity = reference_clip_score when the run has one, else clip_score; NULL without the column's input."""
+    n = 8
+    influence = [0.3, -1.0, 2.0, 0.1, 0.0, 5.0, -0.2, 1.5]
+    clip = [3.0, 1.0, 0.5, 2.0, 4.0, 0.1, 2.5, 1.2]
+    reference = [0.2, 0.9, 0.1, 0.8, 0.3, 0.7, 0.4, 0.6]
+    for run_id, ref in (("own", None), ("ref", reference), ("old", None)):
+        store = RunStore(str(tmp_path / "runs" / run_id))
+        write_manifest(store, manifest(run_id))
+        rows = {**pair_rows("a.tar", n), "clip_score": clip}
+        if run_id != "old":  # a run whose files predate the column: misalignment is NULL
+            rows["misalignment_pos_is"] = influence
+        if ref is not None:
+            rows["reference_clip_score"] = ref
+        store.write_table("pairs", run_id, "a.tar", rows, {"run_id": run_id})
+    con = connect(str(tmp_path / "runs"))
+
+    def percentile(values: list[float]) -> np.ndarray:
+        return np.array([sum(v <= x for v in values) for x in values]) / len(values)
+
+    for run_id, similarity in (("own", clip), ("ref", reference)):
+        got = [v for (v,) in con.execute("SELECT misalignment FROM pairs WHERE run_id = ? ORDER BY key",
+                                         [run_id]).fetchall()]
+        want = (percentile(influence) + percentile([-s for s in similarity])) / 2
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        in_memory = with_misalignment(pq.read_table(tmp_path / "runs" / run_id / "pairs"))
+        np.testing.assert_allclose(in_memory["misalignment"].to_numpy(), want, rtol=1e-12)
+    assert con.sql("SELECT count(misalignment) FROM pairs WHERE run_id = 'old'").fetchall() == [(0,)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -77,6 +78,12 @@ def test_eval_reports_accuracy_and_validation_loss(digits_corpus, micro_pretrain
     assert result["classes"][:2] == ["zero", "one"]
     assert 0.3 < result["zero_shot_accuracy"] <= 1.0  # far above chance (0.1) after pretraining
     assert result["val_loss"] > 0
+    truth = pq.read_table(digits_corpus / "truth.parquet").to_pandas().query("split == 'test'")
+    counts = truth["true_class"].value_counts()
+    per_class = result["per_class_accuracy"]
+    assert set(per_class) == set(counts.index)  # every class with test images, and only those
+    overall = sum(per_class[c] * counts[c] for c in per_class) / counts.sum()
+    assert overall == pytest.approx(result["zero_shot_accuracy"])
 
 
 def test_cli_train_and_eval_json(digits_corpus, micro_pretrained, tmp_path, capsys):

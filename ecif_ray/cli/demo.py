@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
                    "ecif-ray demo --workdir ecif-demo --workers 2")
     p.add_argument("--workdir", default="ecif-demo", help="where corpus, checkpoints and tables go (default ecif-demo)")
     p.add_argument("--workers", type=int, default=2, help="Ray actors for the scoring pass (default 2)")
-    p.add_argument("--noise", type=float, default=0.2, help="fraction of misaligned training pairs (default 0.2)")
+    p.add_argument("--noise", type=float, default=0.4,
+                   help="fraction of each substituted class captioned as its neighbour (default 0.4)")
     p.add_argument("--seed", type=int, default=0)
     add_runtime_flags(p)
     p.set_defaults(func=_run)

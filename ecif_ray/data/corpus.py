@@ -86,6 +86,14 @@ TRUTH_SCHEMA = pa.schema(
 _TAR_MTIME = 0
 
 
+# Systematic noise for kind "substitute" (the demo and the benchmarks): each source class partly captioned
+# as a neighbouring class it is confused with, the errors a shop's alt-text makes.
+CONFUSABLE_SUBSTITUTIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "fashion-mnist": (("shirt", "t-shirt/top"), ("pullover", "coat"), ("sneaker", "sandal")),
+    "digits": (("three", "eight"), ("seven", "one"), ("four", "nine")),
+}
+
+
 @dataclass(frozen=True)
 class CorpusSpec:
     """What to build. Sizes left as ``None`` take the dataset's default (:data:`DEFAULT_SIZES`).

@@ -15,6 +15,7 @@ eigenvalue of G (never below the training δ), or a number.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 
 from ecif_ray.data.segments import PairBatch
 from ecif_ray.influence.autodiff import ggn_product
-from ecif_ray.influence.queries import QueryGradients
+from ecif_ray.influence.queries import MISALIGNMENT_QUERY, QueryGradients
 from ecif_ray.influence.settings import DEFAULT_SOLVER, SolverSettings
 from ecif_ray.influence.solvers import (
     Matvec,
@@ -37,13 +38,28 @@ from ecif_ray.influence.solvers import (
 from ecif_ray.influence.task import InfluenceTask, SegmentStack
 
 Damping = Literal["exact", "auto"] | float
+MisalignmentDamping = Literal["auto"] | float
 AUTO_DAMPING_FACTOR = 0.1  # kronfluence's default: 0.1 × the mean eigenvalue of the curvature
+# δ of the misalignment direction = this × G's largest eigenvalue (chosen on Fashion-MNIST settings:
+# benchmarks/misalignment_damping.py, BENCHMARKS.md "The misalignment column").
+MISALIGNMENT_DAMPING_FACTOR = 0.1
+POWER_ITERATIONS = 30  # λ₁ without a preconditioner (preconditioner "none")
 TRACE_PROBES = 64  # Hutchinson probes for the mean eigenvalue (CG path; the dense path is exact)
 DENSE_MAX_DIM = 16384  # G as a dense [D, D] matrix: 2 GiB in float64 at this size
 # Elements of the largest per-call tensor (Q vectors × pairs × (segment size + trunk features per
 # pair)): large enough to amortise per-call overhead, small enough to stay in cache (measured:
 # 256–512-pair calls for 32 vectors beat 2,560-pair calls by 2×, float64, ecif-small heads).
 CALL_ELEMENTS = 2**21
+
+
+@dataclass(frozen=True)
+class SolveSpace:
+    """The parts of an ``InfluenceTask`` that ``solve_directions`` reads (the driver holds no model)."""
+
+    dim: int
+    delta: float
+    dtype: torch.dtype
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 class SolveTarget(Protocol):
@@ -116,6 +132,35 @@ def resolve_damping(damping: Damping, training_delta: float, mean_eig: Callable[
     return value
 
 
+def top_eigenvalue(matvec: Matvec, dim: int, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+                   preconditioner: NystromPreconditioner | None = None) -> float:
+    """λ₁(G): the preconditioner's largest eigenvalue (exact when dense; the Nyström sketch's top
+    eigenvalue is accurate for the top of the spectrum), else a seeded power iteration."""
+    if preconditioner is not None:
+        return float(preconditioner.eigenvalues.max())
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(dim, 1, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+    value = 0.0
+    for _ in range(POWER_ITERATIONS):
+        v = v / v.norm()
+        w = matvec(v)
+        value = float((v * w).sum())
+        v = w
+    return value
+
+
+def resolve_misalignment_damping(rule: MisalignmentDamping, analysis_delta: float,
+                                 lambda1: Callable[[], float]) -> float:
+    """δ of the misalignment direction: ``auto`` (``MISALIGNMENT_DAMPING_FACTOR`` × λ₁, at least the
+    analysis δ) or a number. ``lambda1`` is only called for ``auto``."""
+    if rule == "auto":
+        return max(analysis_delta, MISALIGNMENT_DAMPING_FACTOR * lambda1())
+    value = float(rule)
+    if value <= 0:
+        raise ValueError(f"misalignment_damping must be > 0, got {value}")
+    return value
+
+
 @dataclass
 class Directions:
     """Solved query directions s_q = (G + δI)⁻¹ g'_q, rows of ``vectors`` [Q, D]."""
@@ -133,6 +178,19 @@ class Directions:
         idx = [self.names.index(n) for n in names]
         return Directions(names, self.vectors[idx], self.query_losses[idx], self.relative_residual[idx],
                           self.iterations, self.converged, self.settings, self.seconds)
+
+    def inserted(self, at: int, other: Directions) -> Directions:
+        """``other``'s rows inserted before row ``at``; solver records merged (the settings keep this
+        solve's δ; ``other``'s go under ``settings[<its first name>]``)."""
+        def cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a[:at], b, a[at:]])
+
+        settings = {**self.settings, other.names[0]: other.settings}
+        return Directions(self.names[:at] + other.names + self.names[at:], cat(self.vectors, other.vectors),
+                          cat(self.query_losses, other.query_losses),
+                          cat(self.relative_residual, other.relative_residual),
+                          max(self.iterations, other.iterations), self.converged and other.converged, settings,
+                          self.seconds + other.seconds)
 
 
 def build_preconditioner(task: SolveTarget, matvec: Matvec,
@@ -176,3 +234,18 @@ def solve_directions(task: SolveTarget, queries: QueryGradients, matvec: Matvec,
                                 "preconditioner": settings.preconditioner, "nystrom_rank": settings.nystrom_rank,
                                 "delta": task.delta},
                       seconds=time.perf_counter() - t0)
+
+
+def solve_misalignment(task: SolveTarget, queries: QueryGradients, matvec: Matvec, rule: MisalignmentDamping,
+                       settings: SolverSettings = DEFAULT_SOLVER,
+                       preconditioner: NystromPreconditioner | None = None,
+                       callback: Callable[[int, torch.Tensor], None] | None = None) -> Directions:
+    """The primary query (row 0 of ``queries``) solved at the misalignment damping (``task.delta`` is
+    the analysis δ), named ``MISALIGNMENT_QUERY``. ``preconditioner``: the analysis solve's, re-targeted."""
+    delta = resolve_misalignment_damping(rule, task.delta, lambda: top_eigenvalue(
+        matvec, task.dim, dtype=task.dtype, device=task.device, seed=settings.seed, preconditioner=preconditioner))
+    space = SolveSpace(dim=task.dim, delta=delta, dtype=task.dtype, device=torch.device(task.device))
+    primary = QueryGradients([MISALIGNMENT_QUERY], queries.gradients[:1], queries.losses[:1])
+    if preconditioner is not None:
+        preconditioner = dataclasses.replace(preconditioner, damping=delta)
+    return solve_directions(space, primary, matvec, settings, callback=callback, preconditioner=preconditioner)

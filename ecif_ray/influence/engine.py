@@ -1,9 +1,9 @@
 """A small, notebook-friendly front end to the single-process engine.
 
     engine = ECIF.from_checkpoint("ft", train="corpus/train")
-    directions = engine.solve(ValidationQuery(engine.load("corpus/val")))
+    directions = engine.solve(ValidationQuery(engine.load("corpus/val")), misalignment="auto")
     scores = engine.score(engine.train_batches, directions)       # pyarrow.Table, one row per pair×query
-    duckdb.sql("SELECT key, ecif_is FROM scores ORDER BY ecif_is DESC LIMIT 10")
+    duckdb.sql("SELECT key, misalignment, ecif_is FROM scores ORDER BY misalignment DESC LIMIT 10")
 
 The distributed pipeline (ecif_ray.pipeline) runs the same pieces (task, sample planner, trunk
 features, curvature, scoring) on Ray actors; with the same inputs and settings both draw the same
@@ -27,6 +27,7 @@ from ecif_ray.influence.curvature import (
     DEFAULT_SOLVER,
     Damping,
     Directions,
+    MisalignmentDamping,
     SolverSettings,
     build_preconditioner,
     curvature_stacks,
@@ -34,9 +35,10 @@ from ecif_ray.influence.curvature import (
     mean_eigenvalue,
     resolve_damping,
     solve_directions,
+    solve_misalignment,
 )
 from ecif_ray.influence.edit import Edit, edit
-from ecif_ray.influence.queries import ExampleQuery, QueryGradients, stack_queries
+from ecif_ray.influence.queries import MISALIGNMENT_QUERY, ExampleQuery, QueryGradients, stack_queries
 from ecif_ray.influence.rows import scores_to_arrow
 from ecif_ray.influence.sample import DEFAULT_MEMORY_MB, max_segments, plan_in_memory
 from ecif_ray.influence.scoring import score_segment
@@ -46,6 +48,7 @@ from ecif_ray.influence.task import InfluenceTask, SegmentStack
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, curvature_basis, mispredicted, trace_segment
 from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.models.zeroshot import ClassSet
+from ecif_ray.tables.misalignment import with_misalignment
 from ecif_ray.tables.schema import TRACE, conform
 
 DEFAULT_CURVATURE_SHARDS = 8  # shards per planner round (ScoreConfig.curvature_shards)
@@ -171,13 +174,23 @@ class ECIF:
                                    preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
         return batches
 
-    def solve(self, *queries) -> Directions:
-        """One iHVP per query direction, solved together."""
+    def solve(self, *queries, misalignment: MisalignmentDamping | None = None) -> Directions:
+        """One iHVP per query direction, solved together; with ``misalignment`` (``"auto"`` or a δ) the
+        first query is also solved at the misalignment damping (the pipeline's ``misalignment_damping``),
+        appended as the direction ``MISALIGNMENT_QUERY``."""
         grads: QueryGradients = stack_queries([q.gradients(self.task) for q in queries])
-        return solve_directions(self.task, grads, self.matvec(), self.solver, preconditioner=self.preconditioner())
+        pre = self.preconditioner()
+        directions = solve_directions(self.task, grads, self.matvec(), self.solver, preconditioner=pre)
+        if misalignment is None:
+            return directions
+        return directions.inserted(len(directions.names), solve_misalignment(
+            self.task, grads, self.matvec(), misalignment, self.solver, pre))
 
     def score(self, batches: list[PairBatch], directions: Directions) -> pa.Table:
-        return scores_to_arrow([score_segment(self.task, b, directions.vectors) for b in batches], directions.names)
+        """The ``pairs`` columns, one row per (pair, query); when ``directions`` hold the misalignment
+        direction, also ``misalignment`` (ranked within each query, as the run's views rank a run)."""
+        table = scores_to_arrow([score_segment(self.task, b, directions.vectors) for b in batches], directions.names)
+        return with_misalignment(table, "query") if MISALIGNMENT_QUERY in directions.names else table
 
     def trace(self, test_batches: list[PairBatch], classes: ClassSet, *, top_k: int = 10,
               max_examples: int | None = 20, rank: int = 128,

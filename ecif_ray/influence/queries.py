@@ -26,6 +26,10 @@ from ecif_ray.influence.contrastive import mean_segment_loss
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.models.zeroshot import ClassSet, labels_of, prompt_classifier, prompt_tokens
 
+MISALIGNMENT_QUERY = "misalignment"
+"""The primary query's direction solved again at the misalignment damping: it fills
+``pairs.misalignment_pos_is`` and is not a query of its own (no ``scores`` rows)."""
+
 
 @dataclass
 class QueryGradients:

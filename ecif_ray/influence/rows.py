@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import torch
 
+from ecif_ray.influence.queries import MISALIGNMENT_QUERY
 from ecif_ray.influence.scoring import SegmentScores
 from ecif_ray.tables.schema import conform
 
@@ -21,7 +22,8 @@ def pair_rows(results: Sequence[SegmentScores], queries: Sequence[str], q: int =
     primary query)."""
     rows: dict[str, list] = {name: [] for name in ("shard", "key", "shard_index", "segment", "caption",
                                                    "clip_score", "reference_clip_score", "loss", "query", "pos_is",
-                                                   "neg_is", "ecif_is")}
+                                                   "neg_is", "ecif_is", "misalignment_pos_is")}
+    m = queries.index(MISALIGNMENT_QUERY) if MISALIGNMENT_QUERY in queries else None
     for r in results:
         n = len(r)
         rows["shard"] += [r.shard] * n
@@ -37,13 +39,17 @@ def pair_rows(results: Sequence[SegmentScores], queries: Sequence[str], q: int =
         rows["pos_is"] += _floats(r.pos_is[q])
         rows["neg_is"] += _floats(r.neg_is[q])
         rows["ecif_is"] += _floats(r.ecif_is[q])
+        rows["misalignment_pos_is"] += [None] * n if m is None else _floats(r.pos_is[m])
     return rows
 
 
 def score_rows(results: Sequence[SegmentScores], queries: Sequence[str]) -> dict[str, list]:
-    """``scores`` columns: one row per further query (all but the primary) and pair."""
+    """``scores`` columns: one row per further query (all but the primary and the misalignment
+    direction) and pair."""
     rows: dict[str, list] = {name: [] for name in ("query", "shard", "key", "pos_is", "neg_is", "ecif_is")}
     for q, query in enumerate(queries[1:], start=1):
+        if query == MISALIGNMENT_QUERY:
+            continue
         for r in results:
             rows["query"] += [query] * len(r)
             rows["shard"] += [r.shard] * len(r)
@@ -55,9 +61,11 @@ def score_rows(results: Sequence[SegmentScores], queries: Sequence[str]) -> dict
 
 
 def scores_to_arrow(scores: list[SegmentScores], query_names: list[str]) -> pa.Table:
-    """The ``pairs`` schema in long format: one row per (pair, query). Positive ecif_is =
-    removing the pair lowers that query's loss = harmful."""
-    return pa.concat_tables([conform("pairs", pair_rows(scores, query_names, q)) for q in range(len(query_names))])
+    """The ``pairs`` schema in long format: one row per (pair, query), the misalignment direction (when
+    solved) in every row's ``misalignment_pos_is``. Positive ecif_is = removing the pair lowers that
+    query's loss = harmful."""
+    wanted = [q for q, name in enumerate(query_names) if name != MISALIGNMENT_QUERY]
+    return pa.concat_tables([conform("pairs", pair_rows(scores, query_names, q)) for q in wanted])
 
 
 def _floats(values: torch.Tensor) -> list[float]:

@@ -10,7 +10,8 @@ import torch
 
 from ecif_ray import __version__
 from ecif_ray.data.shards import Shard
-from ecif_ray.influence.curvature import Directions
+from ecif_ray.influence.curvature import Directions, SolveSpace
+from ecif_ray.influence.queries import MISALIGNMENT_QUERY
 from ecif_ray.influence.sample import CurvaturePlanner, max_segments
 from ecif_ray.influence.traceback import CurvatureBasis
 from ecif_ray.pipeline import solve
@@ -91,14 +92,16 @@ def directions_for(prep: Prepared, pool: WorkerPool, emit: Listener
                        cfg.curvature_memory_mb)
     segments = cap if cfg.curvature_segments is None else min(cfg.curvature_segments, cap)
     planner = CurvaturePlanner(prep.shards, segments, cfg.curvature_shards, cfg.curvature_seed)
-    space = solve.SolveSpace(dim=ckpt.dim, delta=ckpt.delta, dtype=getattr(torch, ckpt.dtype))
+    space = SolveSpace(dim=ckpt.dim, delta=ckpt.delta, dtype=getattr(torch, ckpt.dtype))
     rank = cfg.trace.rank if cfg.trace and queries.traced else None
     directions, sample, basis = solve.solve(pool, planner, queries, space, cfg.solver_settings(), cfg.damping, emit,
-                                            rank)
+                                            rank, cfg.misalignment_damping)
     meta = solve.directions_meta(
         directions, prep.fingerprint,
         curvature={**sample.describe(), "seed": cfg.curvature_seed, "cap_segments": cap},
-        damping={"rule": cfg.damping, "training_delta": ckpt.delta, "delta": directions.settings["delta"]},
+        damping={"rule": cfg.damping, "training_delta": ckpt.delta, "delta": directions.settings["delta"],
+                 "misalignment_rule": cfg.misalignment_damping,
+                 "misalignment_delta": directions.settings.get(MISALIGNMENT_QUERY, {}).get("delta")},
         queries={name: {"examples": queries.pairs[name], "loss": float(loss)}
                  for name, loss in zip(queries.names, queries.losses) if name in queries.pairs},
         traced=queries.traced, basis_rank=None if basis is None else int(basis.U.shape[1]),
@@ -147,7 +150,9 @@ def lineage(prep: Prepared, directions: Directions, meta: DirectionsMeta) -> dic
         "arch": ckpt.arch, "param_subset": ckpt.param_subset, "delta": directions.settings["delta"],
         "training_delta": ckpt.delta, "damping": str(cfg.damping), "trunk": ckpt.trunk,
         "negative_term": cfg.negative_term, "n_train": ckpt.n_train, "segment_size": ckpt.segment_size,
-        "dtype": ckpt.dtype, "queries": [n for n in directions.names if n not in meta.traced],
+        "dtype": ckpt.dtype,
+        "queries": [n for n in directions.names if n not in meta.traced and n != MISALIGNMENT_QUERY],
+        "misalignment_delta": directions.settings.get(MISALIGNMENT_QUERY, {}).get("delta"),
         "primary_query": directions.names[0], "traced_examples": len(meta.traced),
         "solver": {**cfg.solver.model_dump(), "tol": directions.settings["tol"], "iterations": directions.iterations,
                    "converged": directions.converged, "relative_residual": meta.relative_residual},

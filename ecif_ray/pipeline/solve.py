@@ -30,11 +30,14 @@ from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import (
     Damping,
     Directions,
+    MisalignmentDamping,
     SolverSettings,
+    SolveSpace,
     build_preconditioner,
     mean_eigenvalue,
     resolve_damping,
     solve_directions,
+    solve_misalignment,
 )
 from ecif_ray.influence.queries import QueryGradients
 from ecif_ray.influence.sample import CurvatureGroup, CurvaturePlanner, CurvatureRequest
@@ -43,16 +46,6 @@ from ecif_ray.pipeline.events import CurvatureLoaded, Listener, SolverStep
 from ecif_ray.pipeline.pool import RunInterrupted, WorkerPool
 from ecif_ray.pipeline.worker import QueryResult, QuerySpec
 from ecif_ray.tables.directions import DirectionsMeta, SavedDirections
-
-
-@dataclass(frozen=True)
-class SolveSpace:
-    """The parts of an ``InfluenceTask`` that ``solve_directions`` reads: the driver holds no model."""
-
-    dim: int
-    delta: float
-    dtype: torch.dtype
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 @dataclass
@@ -189,17 +182,20 @@ class DistributedCurvature:
 
 
 def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, space: SolveSpace,
-          settings: SolverSettings, damping: Damping, emit: Listener, basis_rank: int | None = None
+          settings: SolverSettings, damping: Damping, emit: Listener, basis_rank: int | None = None,
+          misalignment: MisalignmentDamping | None = "auto"
           ) -> tuple[Directions, CurvatureSample, CurvatureBasis | None]:
     """Load the sample, set the analysis δ (``space.delta`` is the training δ), run CG with the
-    distributed matvec, optionally take G's top eigenpairs (for trace-back's ‖Δθ₋ₙ‖), free the sample."""
+    distributed matvec; unless ``misalignment`` is None, solve the primary query again at the
+    misalignment damping (inserted after the named queries); optionally take G's top eigenpairs
+    (for trace-back's ‖Δθ₋ₙ‖); free the sample."""
     curvature = DistributedCurvature(pool, planner)
     sample = curvature.load()
     emit(CurvatureLoaded(groups=len(sample.groups), segments=sample.segments, pairs=sample.pairs))
     gradients = QueryGradients(queries.names, torch.tensor(queries.gradients, dtype=space.dtype),
                                torch.tensor(queries.losses, dtype=space.dtype))
-    preconditioner = build_preconditioner(space, curvature.matvec, settings) if settings.preconditioner == "dense" \
-        else None
+    # Built once, here, so that the misalignment solve and trace-back's basis reuse it.
+    preconditioner = build_preconditioner(space, curvature.matvec, settings)
     delta = resolve_damping(damping, space.delta, lambda: mean_eigenvalue(
         curvature.matvec, space.dim, dtype=space.dtype, device=space.device, seed=settings.seed,
         preconditioner=preconditioner))
@@ -212,8 +208,12 @@ def solve(pool: WorkerPool, planner: CurvaturePlanner, queries: QueryResult, spa
 
     directions = solve_directions(space, gradients, curvature.matvec, settings, callback=progress,
                                   preconditioner=preconditioner)
+    if misalignment is not None:
+        named = len(queries.names) - len(queries.traced)
+        directions = directions.inserted(named, solve_misalignment(
+            space, gradients, curvature.matvec, misalignment, settings, preconditioner, progress))
     basis = None
-    if basis_rank and preconditioner is not None:  # dense: every eigenpair, exact norms
+    if basis_rank and preconditioner is not None and preconditioner.U.shape[1] == space.dim:  # dense: exact norms
         basis = CurvatureBasis(U=preconditioner.U, eigenvalues=preconditioner.eigenvalues, delta=delta)
     elif basis_rank:
         basis = curvature_basis(space, curvature.matvec, basis_rank, settings.seed)

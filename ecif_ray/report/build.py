@@ -155,8 +155,9 @@ def _json_default(value: Any) -> Any:
 
 def _summary(report: Report) -> dict[str, Any]:
     run = report.run
-    columns = [c for c in ("rank", "shard", "key", "ecif_is", "pos_is", "neg_is", "clip_score", "loss",
-                           "misaligned", "true_class", "caption_class") if c in report.top]
+    columns = [c for c in ("rank", "shard", "key", "misalignment", "ecif_is", "pos_is", "neg_is", "clip_score",
+                           "reference_clip_score", "loss", "misaligned", "true_class", "caption_class")
+               if c in report.top]
     top = report.top[columns].astype(object).where(report.top[columns].notna(), None).to_dict("records")
     return {
         "run_id": run.manifest.run_id, "run_dir": run.url, "query": run.query, "status": run.manifest.status,

@@ -17,7 +17,8 @@ from ecif_ray.tables.manifest import Manifest, read_manifest
 from ecif_ray.tables.views import NotARunDirectory, connect, open_runs
 
 TRUTH_COLUMNS = ("shard", "key", "misaligned", "true_class", "caption_class")
-PAIR_COLUMNS = ("shard", "key", "shard_index", "clip_score", "loss", "pos_is", "neg_is", "ecif_is")
+PAIR_COLUMNS = ("shard", "key", "shard_index", "clip_score", "reference_clip_score", "loss", "pos_is", "neg_is",
+                "ecif_is", "misalignment")
 
 
 class ReportError(ValueError):
@@ -62,7 +63,8 @@ def load_run(run_dir: str, query: str | None = None,
         pairs = con.sql(f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs").df()
     else:
         pairs = con.execute("""
-            SELECT p.shard, p.key, p.shard_index, p.clip_score, p.loss, s.pos_is, s.neg_is, s.ecif_is
+            SELECT p.shard, p.key, p.shard_index, p.clip_score, p.reference_clip_score, p.loss, s.pos_is, s.neg_is,
+                   s.ecif_is, p.misalignment
             FROM pairs p JOIN scores s USING (shard, key) WHERE s.query = ?""", [query]).df()
     pairs = pairs.sort_values(["shard", "shard_index"], kind="stable").reset_index(drop=True)
     errors = con.sql("SELECT shard, key, stage, error, message FROM errors ORDER BY shard, key").df()

@@ -130,7 +130,7 @@ def figure_shards(rates: pd.DataFrame, fraction: float = FLAG_FRACTION, limit: i
     with_truth = "misaligned_rate" in shown and bool(shown["misaligned_rate"].notna().any())
     bar = 0.4 if with_truth else 0.7
     ax.bar(x - (bar / 2 if with_truth else 0), shown["flagged_rate"], width=bar, color=METHOD_COLORS[0],
-           label=f"flagged (run-wide top {fraction:.0%} by ecif_is)")
+           label=f"flagged (run-wide top {fraction:.0%})")
     if with_truth:
         ax.bar(x + bar / 2, shown["misaligned_rate"], width=bar, color="#333333", alpha=0.7,
                label="truly misaligned")

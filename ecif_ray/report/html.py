@@ -17,7 +17,7 @@ import pandas as pd
 
 from ecif_ray.report.data import RunData
 from ecif_ray.report.figures import SHARDS_SHOWN
-from ecif_ray.report.numbers import FLAG_FRACTION, split_query_id
+from ecif_ray.report.numbers import FLAG_FRACTION, ranking_column, split_query_id
 from ecif_ray.tables.manifest import Manifest
 
 CSS = resources.files("ecif_ray.report").joinpath("report.css").read_text(encoding="utf-8")
@@ -108,7 +108,9 @@ class Report:
 
 
 def _score_lines(row: Mapping[str, Any]) -> list[str]:
-    return [f"ecif_is <b>{_num(row['ecif_is'])}</b>",
+    value = row.get("misalignment")
+    lead = [] if value is None or value != value else [f"misalignment <b>{_num(row['misalignment'], 3)}</b>"]
+    return [*lead, f"ecif_is {_num(row['ecif_is'])}",
             f"pos {_num(row['pos_is'])} · neg {_num(row['neg_is'])}",
             f"clip {_num(row['clip_score'], 3)} · loss {_num(row['loss'], 3)}"]
 
@@ -196,7 +198,10 @@ to inspect first — typically pairs whose caption does not describe the image.
 <b>neg_is</b> (its role as a negative example for the other pairs trained alongside it);
 <code>ecif_is = pos_is + neg_is</code>. Scores are first-order predictions: rank by them, do not read them
 as exact loss changes.</p>
-<p>“Flagged” below means the run-wide top {report.flag_fraction:.0%} of pairs by ecif_is.
+<p><b>misalignment</b> (0–1, higher = more likely a wrong caption) ranks pairs for review: the mean of two
+run-wide percentiles, the pair's influence at a larger damping and its CLIP score (under the reference model
+when the run has one, else this model's). ecif_is answers another question — the effect of removing the pair.</p>
+<p>“Flagged” below means the run-wide top {report.flag_fraction:.0%} of pairs by {ranking_column(pairs)}.
 {"Ground truth from " + _esc(report.truth_path) + " marks pairs as misaligned or clean." if _has_truth(report)
  else "No ground truth was given (<code>--truth</code>), so detection quality is not shown."}</p>
 </div>
@@ -230,9 +235,9 @@ def _detection(report: Report) -> str:
                f"are left out of these numbers.</p>" if report.truth_missing else "")
     detection = f"""
 <p>How well each ranking finds the truly misaligned pairs: flag the k highest-ranked pairs and count how many
-are misaligned (precision@k) and what share of all misaligned pairs that is (recall@k). ECIF is compared with
-two common filters: CLIP score (flag the pairs the model itself matches worst) and the pair's own training
-loss. Dotted lines: a random ranking.</p>
+are misaligned (precision@k) and what share of all misaligned pairs that is (recall@k). misalignment and ecif_is
+are compared with common filters: CLIP score (flag the pairs the model itself — or the reference model — matches
+worst) and the pair's own training loss. Dotted lines: a random ranking.</p>
 {_table(["method", "AUROC", "average precision", f"precision@{k}", f"misaligned in top {top}"], rows,
         [False, True, True, True, True])}
 {missing}
@@ -252,7 +257,7 @@ def _flagged(report: Report) -> str:
         hits = f" {n_bad} of these {len(report.top)} are truly misaligned."
     return f"""
 <section id="flagged"><h2>Top {len(report.top)} flagged pairs</h2>
-<p>The pairs with the largest ecif_is — the most harmful according to ECIF — with their images and captions.{hits}</p>
+<p>The pairs with the largest {ranking_column(report.run.pairs)}, with their images and captions.{hits}</p>
 <div class="grid">{"".join(cards)}</div></section>"""
 
 

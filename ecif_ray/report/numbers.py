@@ -11,14 +11,26 @@ import pandas as pd
 
 from ecif_ray.tables.ranking import rank_trace, top_indices
 
-FLAG_FRACTION = 0.2  # "flagged" = the run-wide top 20% by ecif_is (the demo's convention)
+FLAG_FRACTION = 0.2  # "flagged" = the run-wide top 20% by the ranking column (the demo's convention)
 
-# Detection baselines: (label, score column, sign) where sign * column is "larger = more suspicious".
+# Rankings compared: (label, score column, sign) where sign * column is "larger = more suspicious";
+# a column the run does not have (all null) is left out.
 METHODS = (
-    ("ECIF (ecif_is, highest first)", "ecif_is", 1.0),
+    ("misalignment (highest first)", "misalignment", 1.0),
+    ("ecif_is (highest first)", "ecif_is", 1.0),
+    ("reference CLIP score (lowest first)", "reference_clip_score", -1.0),
     ("CLIP score (lowest first)", "clip_score", -1.0),
     ("per-pair loss (highest first)", "loss", 1.0),
 )
+
+
+def ranking_column(pairs: pd.DataFrame) -> str:
+    """What "flagged" ranks by: ``misalignment`` (tables.misalignment), or ``ecif_is`` for runs without it."""
+    return "misalignment" if "misalignment" in pairs and pairs["misalignment"].notna().any() else "ecif_is"
+
+
+def methods(pairs: pd.DataFrame) -> list[tuple[str, str, float]]:
+    return [m for m in METHODS if m[1] in pairs and pairs[m[1]].notna().any()]
 
 
 def at_k_curves(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -28,7 +40,7 @@ def at_k_curves(pairs: pd.DataFrame) -> pd.DataFrame:
     n, positives = len(truth), int(truth.sum())
     k = np.arange(1, n + 1)
     frames = []
-    for label, column, sign in METHODS:
+    for label, column, sign in methods(known):
         order = np.argsort(-sign * known[column].to_numpy(dtype=float), kind="stable")
         hits = np.cumsum(truth[order])
         frames.append(pd.DataFrame({"method": label, "k": k, "precision": hits / k,
@@ -43,7 +55,7 @@ def detection_table(pairs: pd.DataFrame, top: int) -> list[dict[str, Any]]:
     known = pairs[pairs["misaligned"].notna()]
     truth = known["misaligned"].to_numpy(dtype=bool)
     rows = []
-    for label, column, sign in METHODS:
+    for label, column, sign in methods(known):
         scores = sign * known[column].to_numpy(dtype=float)
         try:
             m = detection_metrics(scores, truth, top=top)
@@ -56,11 +68,12 @@ def detection_table(pairs: pd.DataFrame, top: int) -> list[dict[str, Any]]:
 
 
 def flagged_mask(pairs: pd.DataFrame, fraction: float = FLAG_FRACTION) -> np.ndarray:
-    """The run-wide top ``fraction`` of pairs by ecif_is (at least one pair)."""
+    """The run-wide top ``fraction`` of pairs by the ranking column (at least one pair)."""
     n = len(pairs)
     flagged = np.zeros(n, dtype=bool)
     if n:
-        flagged[top_indices(pairs["ecif_is"].to_numpy(dtype=float), max(1, math.ceil(fraction * n)))] = True
+        scores = pairs[ranking_column(pairs)].to_numpy(dtype=float)
+        flagged[top_indices(scores, max(1, math.ceil(fraction * n)))] = True
     return flagged
 
 
@@ -82,8 +95,8 @@ def shard_rates(pairs: pd.DataFrame, errors: pd.DataFrame, fraction: float = FLA
 
 
 def top_pairs(pairs: pd.DataFrame, top: int) -> pd.DataFrame:
-    """The ``top`` most harmful pairs (largest ecif_is), ranked from 1."""
-    ranked = pairs.iloc[top_indices(pairs["ecif_is"].to_numpy(dtype=float), top)].copy()
+    """The ``top`` pairs by the ranking column (most likely misaligned first), ranked from 1."""
+    ranked = pairs.iloc[top_indices(pairs[ranking_column(pairs)].to_numpy(dtype=float), top)].copy()
     ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
     return ranked.reset_index(drop=True)
 

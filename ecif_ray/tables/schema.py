@@ -41,9 +41,12 @@ PAIRS = pa.schema(
         pa.field("pos_is", pa.float64(), nullable=False),     # positive-role IS; > 0 harmful
         pa.field("neg_is", pa.float64(), nullable=False),     # negative-role IS; > 0 harmful
         pa.field("ecif_is", pa.float64(), nullable=False),    # pos_is + neg_is; > 0 harmful
+        # pos_is of the primary query at the misalignment damping (tables.misalignment); null when absent
+        pa.field("misalignment_pos_is", pa.float64(), nullable=True),
     ]
 )
-"""One row per scored pair; the score columns hold the primary query (the first in ``queries``)."""
+"""One row per scored pair; the score columns hold the primary query (the first in ``queries``).
+The views add ``misalignment`` (tables.misalignment), a rank over the whole run, not stored."""
 
 SCORES = pa.schema(
     [

@@ -1,4 +1,5 @@
-"""DuckDB views over run directories: ``pairs``, ``scores``, ``errors``, ``trace`` and ``runs``.
+"""DuckDB views over run directories: ``pairs`` (with ``misalignment``, tables.misalignment), ``scores``,
+``errors``, ``trace`` and ``runs``.
 
 ``connect(location)`` accepts a run directory, or a directory whose children are run
 directories (the views then span every run; ``run_id`` tells them apart). Local runs are read by
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from ecif_ray.tables.manifest import read_manifest, runs_table
+from ecif_ray.tables.misalignment import misalignment_select
 from ecif_ray.tables.schema import PARTITION, TABLES, empty
 from ecif_ray.tables.store import MANIFEST, RunStore
 
@@ -108,19 +110,21 @@ def _confine(con: duckdb.DuckDBPyConnection, run_roots: Sequence[str], allow_rea
 
 
 def _create_view(con: duckdb.DuckDBPyConnection, table: str, stores: list[RunStore]) -> None:
-    if all(s.local for s in stores):
-        globs = [g for s in stores if (g := _local_glob(s, table))]
-        if globs:
-            files = ", ".join(_quote(g) for g in globs)
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
-                        f"hive_types = {{'{PARTITION}': 'VARCHAR'}})")
-            return
-        source: Any = empty(table)
+    """``_ecif_<table>``: the files as stored; ``<table>``: what users query (``pairs`` adds ``misalignment``)."""
+    raw = f"_ecif_{table}"
+    globs = [g for s in stores if (g := _local_glob(s, table))] if all(s.local for s in stores) else []
+    if globs:
+        files = ", ".join(_quote(g) for g in globs)
+        con.execute(f"CREATE VIEW {raw} AS SELECT * FROM read_parquet([{files}], hive_partitioning = true, "
+                    f"hive_types = {{'{PARTITION}': 'VARCHAR'}})")
     else:
-        datasets = [d for s in stores if (d := _remote_dataset(s, table)) is not None]
-        source = ds.dataset(datasets) if datasets else empty(table)
-    con.register(f"_ecif_{table}", source)
-    con.execute(f"CREATE VIEW {table} AS SELECT * FROM _ecif_{table}")
+        datasets = [d for s in stores if not s.local and (d := _remote_dataset(s, table)) is not None]
+        con.register(raw, ds.dataset(datasets) if datasets else empty(table))
+    select = f"SELECT * FROM {raw}"
+    if table == "pairs":
+        stored = {row[0] for row in con.execute(f"DESCRIBE {raw}").fetchall()}
+        select = misalignment_select(raw, PARTITION, "misalignment_pos_is" in stored)
+    con.execute(f"CREATE VIEW {table} AS {select}")
 
 
 def _local_glob(store: RunStore, table: str) -> str | None:

@@ -1,0 +1,228 @@
+"""The trunk-feature store (``ecif-ray features``): a Ray Data pass writes, per shard, exactly the trunk
+features the in-process analysis computes, bad samples become ``errors`` rows, reruns skip committed
+shards, another trunk is refused, and the worker count changes nothing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ecif_ray.cli import main
+from ecif_ray.data.samples import read_shard
+from ecif_ray.data.segments import load_segments
+from ecif_ray.data.shards import list_shards
+from ecif_ray.influence.task import InfluenceTask
+from ecif_ray.models.checkpoint import load_checkpoint
+from ecif_ray.pipeline.features import (
+    FeatureJob,
+    ShardFeaturizer,
+    featurizer_settings,
+    prepare_features,
+    run_features,
+    store_batches,
+    task_identity,
+    to_trunk_features,
+    trunk_fingerprint,
+)
+from ecif_ray.pipeline.prepare import checkpoint_files
+from ecif_ray.pipeline.results import EXIT_BAD_CONFIG, EXIT_INCOMPLETE, EXIT_INPUT_ERRORS
+from ecif_ray.tables.feature_store import FeatureStore, FeatureStoreMismatch, open_store
+from ecif_ray.tables.lease import RunLease
+from ecif_ray.tables.schema import ERRORS
+from ecif_ray.tables.store import LINEAGE_KEY
+
+EXTRA = "extra-000000.tar"  # five samples, two of them bad
+
+
+@pytest.fixture(scope="module")
+def corpus(digits_corpus: Path, wds, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits train shards plus one shard with a sample that does not decode and one without a caption."""
+    root = tmp_path_factory.mktemp("features-corpus")
+    for shard in sorted((digits_corpus / "train").glob("*.tar")):
+        (root / shard.name).symlink_to(shard)
+    members = []
+    for i in range(5):
+        image = b"not an image" if i == 1 else wds.image_bytes(color=(40 * i, 90, 200 - 30 * i))
+        members += wds.sample_members(f"x{i:03d}", "" if i == 3 else f"a photo of the digit {i}.", image)
+    wds.write_tar(root / EXTRA, members)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lora_ckpt(digits_corpus: Path, micro_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ecif_ray.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "lora"
+    return train(TrainConfig(train=str(digits_corpus / "train"), init=str(micro_pretrained), params={"kind": "lora"},
+                             segment_size=16, epochs=1, delta=1e-2, out=str(out), progress=False))
+
+
+@pytest.fixture(scope="module")
+def heads_store(ray_cluster, heads_ckpt: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The corpus featurized by two Ray Data actors with the heads checkpoint."""
+    out = tmp_path_factory.mktemp("stores") / "heads"
+    result = run_features(FeatureJob(ckpt=str(heads_ckpt), train=str(corpus), out=str(out), workers=2,
+                                     progress=False))
+    return result, out
+
+
+def _unaddressed(messages) -> list[str]:
+    """Error messages without memory addresses (PIL names the BytesIO object it could not identify)."""
+    return [re.sub(r" at 0x[0-9a-f]+", "", m) for m in messages]
+
+
+def _task(ckpt_path: Path, dtype: torch.dtype) -> tuple[InfluenceTask, str]:
+    ckpt = load_checkpoint(ckpt_path)
+    ckpt.model.to(dtype)
+    return InfluenceTask.from_checkpoint(ckpt, n_train=128), ckpt.meta.arch
+
+
+def _assert_store_is_the_in_process_trunk(store: FeatureStore, task: InfluenceTask, corpus: Path, segment: int):
+    """Every shard's stored rows equal ``task.features`` of the scorer's own segments, bit for bit."""
+    bundle = task.bundle
+    batches, _ = load_segments(str(corpus), segment_size=segment, preprocess=bundle.preprocess,
+                               tokenizer=bundle.tokenizer)
+    assert sorted(store.shards()) == sorted({b.shard for b in batches} | {EXTRA})
+    for shard in store.shards():
+        ours = [b for b in batches if b.shard == shard]
+        expected = [task.features(b) for b in ours]
+        rows = list(store.iter_shard(shard, segment))
+        assert [r.keys for r in rows] == [b.keys for b in ours]
+        assert [list(r.shard_index) for r in rows] == [b.shard_indices for b in ours]
+        assert [r.captions for r in rows] == [b.captions for b in ours]
+        for got, want in zip(rows, expected):
+            features = to_trunk_features(got)
+            assert torch.equal(features.image, want.image) and torch.equal(features.text, want.text)
+            assert (features.tokens is None) == (want.tokens is None)
+            if want.tokens is not None:
+                assert torch.equal(features.tokens, want.tokens)
+
+
+def test_the_store_holds_the_in_process_trunk_features_bit_for_bit(heads_store, heads_ckpt, corpus):
+    result, out = heads_store
+    task, arch = _task(heads_ckpt, torch.float64)  # dtype auto: float64 for heads, as `ecif-ray score`
+    identity = task_identity(task, arch)
+    store = open_store(str(out), fingerprint=trunk_fingerprint(identity), identity=identity)  # the scorer's check
+    info = store.info()
+    assert info is not None and info.fingerprint == result.fingerprint
+    assert [(c.name, c.shape, c.dtype) for c in info.columns] == [("image_features", (32,), "float64"),
+                                                                  ("text_features", (32,), "float64")]
+    assert info.bytes_per_pair == 512
+    assert result.pairs == 128 + 3 and len(result.written) == 3 and not result.failed
+    _assert_store_is_the_in_process_trunk(store, task, corpus, load_checkpoint(heads_ckpt).meta.segment_size)
+
+    # Read back as the scorer would: featurized segments whose features the task reuses as its own.
+    batch = next(store_batches(store, store.shards()[0], 16, task.trunk_source))
+    assert batch.images.shape == (len(batch), 0)  # no pixels: the task can only use the attached features
+    assert torch.equal(task.features(batch).image, batch.features.image)
+    lineage = pq.read_schema(out / "features" / f"{store.shards()[0]}.parquet").metadata[LINEAGE_KEY]
+    assert info.created_by["checkpoint_sha256"].encode() in lineage and info.fingerprint.encode() in lineage
+
+
+def test_bad_samples_become_errors_rows_and_the_others_are_stored(heads_store, corpus):
+    result, out = heads_store
+    store = FeatureStore(str(out))
+    assert [list(r.shard_index) for r in store.iter_shard(EXTRA)] == [[0, 2, 4]]
+    errors = store.shard_errors(EXTRA)
+    assert errors.schema.remove_metadata() == ERRORS
+    assert [(r["key"], r["stage"]) for r in errors.to_pylist()] == [("x001", "image"), ("x003", "caption")]
+    # The same rows `ecif-ray score` writes: the project's reader, its stages and messages.
+    _, expected = read_shard(list_shards(str(corpus / EXTRA))[0])
+    assert _unaddressed(errors.column("message").to_pylist()) == _unaddressed(e.message for e in expected)
+    assert store.errors().num_rows == 2
+    assert result.errors_by_stage == {"image": 1, "caption": 1} and result.exit_code == EXIT_INPUT_ERRORS
+
+
+def test_reruns_skip_committed_shards_and_another_trunk_is_refused(heads_store, heads_ckpt, lora_ckpt, corpus,
+                                                                   micro_pretrained, digits_corpus, tmp_path, capsys):
+    from ecif_ray.training import TrainConfig, train
+
+    first, out = heads_store
+    files = sorted((out / "features").glob("*.parquet")) + sorted((out / "_state" / "shards").glob("*.json"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = run_features(FeatureJob(ckpt=str(heads_ckpt), train=str(corpus), out=str(out), workers=2, progress=False))
+    assert not again.written and sorted(again.skipped) == sorted(first.written) and again.feature_s == 0
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    # Another fine-tune of the heads on the same frozen base has the same trunk: the store is reused.
+    other = train(TrainConfig(train=str(digits_corpus / "train"), init=str(micro_pretrained), params={"kind": "heads"},
+                              segment_size=16, epochs=1, lr=2e-2, delta=1e-2, seed=7, out=str(tmp_path / "heads2"),
+                              progress=False))
+    reused = run_features(FeatureJob(ckpt=str(other), train=str(corpus), out=str(out), progress=False))
+    assert reused.fingerprint == first.fingerprint and len(reused.skipped) == 3 and not reused.written
+
+    # A LoRA checkpoint cuts the towers elsewhere: refused before any cluster work, naming both fingerprints.
+    with pytest.raises(FeatureStoreMismatch) as refused:
+        run_features(FeatureJob(ckpt=str(lora_ckpt), train=str(corpus), out=str(out), progress=False))
+    message = str(refused.value)
+    assert str(out) in message and first.fingerprint in message and "trunk: 'image: pooled, text: pooled'" in message
+    assert main(["features", "--ckpt", str(lora_ckpt), "--train", str(corpus), "--out", str(out),
+                 "--no-progress"]) == EXIT_BAD_CONFIG
+    assert "holds the trunk features of another trunk" in capsys.readouterr().err
+    with pytest.raises(FeatureStoreMismatch, match=first.fingerprint):
+        open_store(str(out), fingerprint="0" * 64)
+
+
+def test_one_worker_writes_the_same_store_as_two(heads_store, heads_ckpt, corpus, tmp_path):
+    two, out = heads_store
+    one = run_features(FeatureJob(ckpt=str(heads_ckpt), train=str(corpus), out=str(tmp_path / "one"), workers=1,
+                                  progress=False))
+    assert one.fingerprint == two.fingerprint
+    a, b = FeatureStore(str(out)), FeatureStore(str(tmp_path / "one"))
+    assert a.shards() == b.shards()
+    for shard in a.shards():
+        assert a.read_shard(shard).replace_schema_metadata(None).equals(
+            b.read_shard(shard).replace_schema_metadata(None))
+        errors_a, errors_b = a.shard_errors(shard).to_pylist(), b.shard_errors(shard).to_pylist()
+        assert [{**r, "message": ""} for r in errors_a] == [{**r, "message": ""} for r in errors_b]
+        assert _unaddressed(r["message"] for r in errors_a) == _unaddressed(r["message"] for r in errors_b)
+
+
+def test_lora_block_features_and_a_shard_the_storage_does_not_deliver(ray_cluster, lora_ckpt, corpus, tmp_path):
+    """LoRA's block-cut features (float32, with the token ids its text tail pools by) equal the task's; a
+    shard that cannot be read is retried, then reported as one errors row, left uncommitted, exit 4."""
+    missing = tmp_path / "gone" / "missing-000000.tar"
+    out = tmp_path / "lora"
+    result = run_features(FeatureJob(ckpt=str(lora_ckpt), train=[str(corpus / "*.tar"), str(missing)], out=str(out),
+                                     workers=1, max_attempts=2, retry_backoff_s=0, progress=False))
+    assert sorted(result.written) == sorted(s.name for s in list_shards(str(corpus)))
+    assert list(result.failed) == [missing.name] and result.exit_code == EXIT_INCOMPLETE
+    store = FeatureStore(str(out))
+    info = store.info()
+    assert info is not None and [(c.name, c.shape, c.dtype) for c in info.columns] == [
+        ("image_features", (17, 32), "float32"), ("text_features", (16, 32), "float32"), ("tokens", (16,), "int64")]
+    assert info.bytes_per_pair == 4352
+    task, arch = _task(lora_ckpt, torch.float32)
+    assert trunk_fingerprint(task_identity(task, arch)) == info.fingerprint
+    _assert_store_is_the_in_process_trunk(store, task, corpus, load_checkpoint(lora_ckpt).meta.segment_size)
+
+    assert store.record(missing.name) is None and missing.name not in store.shards()
+    [row] = [r for r in store.errors().to_pylist() if r["stage"] == "features"]
+    assert row["shard"] == missing.name and "failed 2 times" in row["message"]
+
+
+def test_a_store_on_s3_written_by_the_actor_class_in_process(s3_bucket, heads_ckpt, corpus):
+    """The actor class without Ray, shards and store on S3 (moto): streamed temp object moved into place,
+    the store's lease and records on S3, rows read back in order."""
+    first = next(path for path in sorted(corpus.glob("*.tar")) if path.name != EXTRA)  # 64 pairs
+    shards = [s3_bucket.put(first, f"corpus/{first.name}")]
+    so = s3_bucket.storage_options
+    job = FeatureJob(ckpt=str(heads_ckpt), train=shards, out=f"{s3_bucket.url}/store", storage_options=so,
+                     progress=False)
+    prep = prepare_features(job)
+    with RunLease.acquire(prep.store.files, prep.info.store_id):
+        info = prep.store.open(prep.info)
+        featurizer = ShardFeaturizer(checkpoint_files(prep.checkpoint_dir), featurizer_settings(prep, info))
+        out = featurizer({"shard": np.array([s.name for s in prep.shards]),
+                          "url": np.array([s.url for s in prep.shards])})
+    assert list(out["status"]) == ["ok"] and out["bytes"][0] > 0
+    store = open_store(f"{s3_bucket.url}/store", so, fingerprint=info.fingerprint)
+    [shard] = store.shards()
+    rows = list(store.iter_shard(shard, 16))
+    assert [len(r) for r in rows] == [16] * 4 and all(r.arrays["image_features"].shape == (16, 32) for r in rows)
+    assert not prep.store.files.temp_files() and store.completed([shard]).keys() == {shard}
