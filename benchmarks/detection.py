@@ -70,6 +70,7 @@ from ecif_ray.influence.contrastive import pair_terms
 from ecif_ray.influence.curvature import Damping, SolverSettings
 from ecif_ray.influence.engine import ECIF
 from ecif_ray.influence.queries import MISALIGNMENT_QUERY, ValidationQuery
+from ecif_ray.influence.settings import resolve_dtype
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.metrics import detection_metrics
 from ecif_ray.models.checkpoint import Checkpoint, load_checkpoint
@@ -110,11 +111,12 @@ def by_pair(batches: list[PairBatch], values: list[float]) -> Scores:
 
 
 def ecif_engine(model: Model, curvature_segments: int | None, solver: SolverSettings,
-                damping: Damping = "exact") -> ECIF:
-    """The in-process engine on a float64 copy of θ̂, with the engine's defaults (curvature over every
-    pair unless ``curvature_segments``); ``damping``: δ of the analysis."""
+                damping: Damping = "exact", dtype: str = "float64") -> ECIF:
+    """The in-process engine on a copy of θ̂ in ``dtype`` (``auto``: the product's default, float64 for
+    heads and float32 otherwise), with the engine's defaults (curvature over every pair unless
+    ``curvature_segments``); ``damping``: δ of the analysis."""
     ckpt = load_checkpoint(model.ckpt.path)
-    ckpt.model.double()
+    ckpt.model.to(getattr(torch, resolve_dtype(dtype, ckpt.meta.param_subset.kind)))
     task = InfluenceTask.from_checkpoint(ckpt, sum(len(b) for b in model.train), "exact")
     return ECIF.from_task(task, model.train, curvature_segments=curvature_segments, solver=solver, damping=damping)
 
@@ -129,7 +131,7 @@ def solver_note(directions) -> dict:
 
 
 def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None, damped_delta: float,
-                 seconds: dict, solver_notes: dict) -> dict[str, Scores]:
+                 seconds: dict, solver_notes: dict, dtype: str = "float64") -> dict[str, Scores]:
     """ecif-exact, pos-only and ecif-taylor from one solve (each charged the engine's setup, the solve
     and its own scoring pass); ecif-damped and ecif-auto solve again with their analysis damping."""
     out: dict[str, Scores] = {}
@@ -137,7 +139,7 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
     if wanted & {"ecif-exact", "pos-only", "ecif-taylor"}:
         solve: dict = {}
         with timed(solve, "s"):
-            engine = ecif_engine(model, curvature_segments, solver)
+            engine = ecif_engine(model, curvature_segments, solver, dtype=dtype)
             directions = engine.solve(ValidationQuery(model.val))
         solver_notes["ecif-exact"] = {**solver_note(directions), "delta": engine.task.delta,
                                       "curvature_pairs": engine.curvature_pairs}
@@ -154,7 +156,7 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
             seconds["ecif-taylor"] += solve["s"]
     if wanted & {"misalignment", "misalignment-ref"}:
         with timed(seconds, "misalignment"):
-            engine = ecif_engine(model, curvature_segments, solver)
+            engine = ecif_engine(model, curvature_segments, solver, dtype=dtype)
             directions = engine.solve(ValidationQuery(model.val), misalignment="auto")
             table = engine.score(model.train, directions).to_pydict()
         out["misalignment"] = table_scores(table, "misalignment")
@@ -166,7 +168,7 @@ def ecif_methods(model: Model, wanted: set[str], curvature_segments: int | None,
         if not wanted & {method, pos}:
             continue
         with timed(seconds, method):
-            engine = ecif_engine(model, curvature_segments, solver, damping)
+            engine = ecif_engine(model, curvature_segments, solver, damping, dtype)
             directions = engine.solve(ValidationQuery(model.val))
             table = engine.score(model.train, directions).to_pydict()
         out[method], out[pos] = table_scores(table, "ecif_is"), table_scores(table, "pos_is")
@@ -273,6 +275,8 @@ def score_setting(args: argparse.Namespace, recipe: Recipe, seed: int, noise: fl
     keys = [(b.shard, k) for b in model.train for k in b.keys]
     config = {"curvature_segments": args.curvature_segments, "trak_proj_dim": args.trak_proj_dim,
               "damped_delta": args.damped_delta, "trak_lambda": args.trak_lambda}
+    if args.dtype != "float64":  # only then: caches written before the flag stay valid
+        config["dtype"] = args.dtype
     cache = ft.final.parent / score_cache_name(config)
     with locked(cache.with_suffix(".lock")):  # concurrent runs compute each setting's scores once
         return _cached_scores(args, subset, seed, corpus_dir, ft, model, keys, cache, config, init)
@@ -296,7 +300,8 @@ def _cached_scores(args: argparse.Namespace, subset: str, seed: int, corpus_dir:
     seconds: dict[str, float] = {}
     notes: dict[str, str] = {}
     solver_notes: dict[str, dict] = {}
-    scores = ecif_methods(model, wanted, args.curvature_segments, args.damped_delta, seconds, solver_notes)
+    scores = ecif_methods(model, wanted, args.curvature_segments, args.damped_delta, seconds, solver_notes,
+                          args.dtype)
     if wanted & {"clip-score", "loss"}:
         scores.update(forward_methods(model, seconds))
     if "external-clip-score" in wanted:
@@ -395,6 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     add_method_flags(p)
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32", "auto"],
+                   help="dtype of the ECIF analyses (auto: the product's default, float32 for LoRA)")
     p.add_argument("--out", default=str(RESULTS / "detection"), help="output stem (.json/.csv/.png)")
     return p.parse_args(argv)
 

@@ -167,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     p.add_argument("--fraction", type=float, default=0.1, help="fraction of training pairs removed")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32", "auto"],
+                   help="dtype of the ECIF analysis (as detection.py; its scores are reused from the same cache)")
     add_method_flags(p)
     p.add_argument("--out", default=str(RESULTS / "removal"), help="output stem (.json/.csv)")
     return p.parse_args(argv)

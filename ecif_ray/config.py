@@ -89,6 +89,7 @@ class ResolvedPaths:
     classes: str | None
     exclude: str | None
     out: str
+    features: str | None
 
 
 PATH_FIELDS = tuple(f.name for f in fields(ResolvedPaths))
@@ -114,6 +115,9 @@ class ScoreConfig(BaseModel):
     classes: str | None = Field(None, description="classes.json for the task query (default: next to test)")
     exclude: str | None = Field(None, description="pairs to leave out: 'shard,key' lines or Parquet")
     storage_options: dict[str, Any] | None = Field(None, description="fsspec options (e.g. S3 endpoint, keys)")
+    features: str | None = Field(None, description="a feature store of this checkpoint's trunk (`ecif-ray features`): "
+                                 "curvature and scoring read the train shards' trunk features from it, not the "
+                                 "images (same scores); it must hold every train shard")
 
     # -- output ------------------------------------------------------------------------------
     out: str = Field(description="run directory (local path or s3://...)")
@@ -197,6 +201,9 @@ class ScoreConfig(BaseModel):
             raise ValueError("the 'task' query needs test: labelled test shards")
         if self.trace is not None and self.test is None:
             raise ValueError("trace needs test: labelled test shards whose mistakes are traced back")
+        if self.features is not None and self.reference is not None:
+            raise ValueError("reference: its CLIP score needs the images, which a feature store does not keep; "
+                             "score without features to add reference_clip_score")
         return self
 
     @model_validator(mode="after")

@@ -119,7 +119,7 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.4, seed: in
         "per-pair loss (high = suspicious)": detection_metrics(rows["loss"], truth),
         "ecif_is (removal effect, not a detector)": detection_metrics(rows["ecif_is"], truth),
     }
-    print_report(con, quality)
+    print_report(con, quality, substituted_mistakes(work / "finetuned", corpus / "test", substitutions))
     from ecif_ray.report import build_report
 
     report = build_report(str(work / "run"), str(work / "report"), truth=str(corpus / "truth.parquet"))
@@ -134,7 +134,27 @@ def run_demo(workdir: str | Path, workers: int = 2, noise: float = 0.4, seed: in
     return summary
 
 
-def print_report(con, quality: dict[str, dict]) -> None:
+def substituted_mistakes(ckpt_dir: Path, test_dir: Path, substitutions: tuple[tuple[str, str], ...]
+                         ) -> dict[str, tuple[str, str]]:
+    """Test images the model gets wrong in a substituted direction (a shirt predicted "t-shirt/top"):
+    trace-back query id → (true class, predicted class)."""
+    from ecif_ray.data.segments import load_segments
+    from ecif_ray.evaluation import zero_shot_predictions
+    from ecif_ray.models.checkpoint import load_checkpoint
+    from ecif_ray.models.zeroshot import find_classes
+
+    bundle = load_checkpoint(str(ckpt_dir)).bundle
+    batches, _ = load_segments(str(test_dir), segment_size=256, preprocess=bundle.preprocess,
+                               tokenizer=bundle.tokenizer)
+    classes = find_classes(str(test_dir), batches=batches)
+    labels, predicted = zero_shot_predictions(bundle, batches, classes)
+    names = classes.names
+    ids = [f"{b.shard}/{k}" for b in batches for k in b.keys]
+    pairs = [(names[t], names[p]) for t, p in zip(labels.tolist(), predicted.tolist(), strict=True)]
+    return {i: pair for i, pair in zip(ids, pairs, strict=True) if pair in set(substitutions)}
+
+
+def print_report(con, quality: dict[str, dict], mistakes: dict[str, tuple[str, str]]) -> None:
     print("\n[demo] SQL: the 10 pairs most likely misaligned (ORDER BY misalignment DESC)")
     top = con.execute("""
         SELECT p.shard, p.key, p.caption, t.true_class, round(p.misalignment, 4), t.misaligned
@@ -149,24 +169,21 @@ def print_report(con, quality: dict[str, dict]) -> None:
               f"{m['hits_top10']:>7d}")
     print("  The model learned these substitutions, so its own CLIP score misses most of them. For random caption\n"
           "  noise (a caption swapped with another pair's) a CLIP-score filter is enough (BENCHMARKS.md §1).")
-    print_traced_mistake(con)
+    print_traced_mistake(con, mistakes)
     print()
 
 
-def print_traced_mistake(con) -> None:
-    """One test image the model gets wrong, traced back to the training pairs that taught it the mistake."""
-    traced = con.execute("""
-        WITH q AS (SELECT DISTINCT query_id, split_part(query_id, '/', 1) AS shard,
-                                   split_part(query_id, '/', 2) AS key FROM trace)
-        SELECT q.query_id, t.true_class FROM q JOIN truth t USING (shard, key)
-        ORDER BY (t.true_class IN (SELECT DISTINCT true_class FROM truth WHERE misaligned)) DESC, q.query_id
-        LIMIT 1""").fetchall()
-    if not traced:
-        print("\n[demo] trace-back: the model got no test image wrong")
+def print_traced_mistake(con, mistakes: dict[str, tuple[str, str]]) -> None:
+    """One traced test mistake in a substituted direction (the first in shard order), with the training
+    pairs ECIF ranks behind it; honest about how many of them are substituted pairs."""
+    traced = sorted(q for (q,) in con.execute("SELECT DISTINCT query_id FROM trace").fetchall())
+    chosen = [q for q in traced if q in mistakes]
+    if not chosen:
+        print(f"\n[demo] trace-back: none of the {len(traced)} traced mistakes is in a substituted direction")
         return
-    query_id, true_class = traced[0]
-    print(f"\n[demo] trace-back: test image {query_id} (a {true_class!r}), mispredicted; the training pairs "
-          "behind it (relative-IS):")
+    query_id, (true_class, predicted) = chosen[0], mistakes[chosen[0]]
+    print(f"\n[demo] trace-back: test image {query_id}, a {true_class!r} the model calls {predicted!r}; the "
+          "training pairs behind it (relative-IS):")
     rows = con.execute("""
         SELECT r.rank, r.shard, r.key, p.caption, t.true_class, t.misaligned
         FROM trace r JOIN pairs p USING (shard, key) JOIN truth t USING (shard, key)

@@ -11,30 +11,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from ecif_ray.cli import main
+from ecif_ray.data.feature_source import store_batches, task_identity, to_trunk_features, trunk_fingerprint
 from ecif_ray.data.samples import read_shard
 from ecif_ray.data.segments import load_segments
 from ecif_ray.data.shards import list_shards
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.models.checkpoint import load_checkpoint
-from ecif_ray.pipeline.features import (
-    FeatureJob,
-    ShardFeaturizer,
-    featurizer_settings,
-    prepare_features,
-    run_features,
-    store_batches,
-    task_identity,
-    to_trunk_features,
-    trunk_fingerprint,
-)
+from ecif_ray.pipeline.features import FeatureJob, ShardFeaturizer, featurizer_settings, prepare_features, run_features
 from ecif_ray.pipeline.prepare import checkpoint_files
 from ecif_ray.pipeline.results import EXIT_BAD_CONFIG, EXIT_INCOMPLETE, EXIT_INPUT_ERRORS
 from ecif_ray.tables.feature_store import FeatureStore, FeatureStoreMismatch, open_store
 from ecif_ray.tables.lease import RunLease
 from ecif_ray.tables.schema import ERRORS
-from ecif_ray.tables.store import LINEAGE_KEY
+from ecif_ray.tables.store import LINEAGE_KEY, RunStore
 
 EXTRA = "extra-000000.tar"  # five samples, two of them bad
 
@@ -226,3 +218,99 @@ def test_a_store_on_s3_written_by_the_actor_class_in_process(s3_bucket, heads_ck
     rows = list(store.iter_shard(shard, 16))
     assert [len(r) for r in rows] == [16] * 4 and all(r.arrays["image_features"].shape == (16, 32) for r in rows)
     assert not prep.store.files.temp_files() and store.completed([shard]).keys() == {shard}
+
+
+# -- reading the store: `ecif-ray score --features` and the engine -----------------------------------
+
+def _run_tables(run_dir: Path) -> dict[str, list[dict]]:
+    """Every table of a run as rows sorted by identity, error messages without memory addresses."""
+    from ecif_ray.tables import connect
+
+    con = connect(str(run_dir))
+    order = {"scores": "query, shard, key", "trace": "query_id, rank"}
+    tables = {name: con.sql(f"SELECT * FROM {name} ORDER BY {order.get(name, 'shard, key')}").to_arrow_table()
+              for name in ("pairs", "scores", "errors", "trace")}
+    rows = {name: t.to_pylist() for name, t in tables.items()}
+    for row in rows["errors"]:
+        row["message"] = _unaddressed([row["message"]])[0]
+    return rows
+
+
+def _assert_same_rows(a: list[dict], b: list[dict], rel: float = 1e-9) -> None:
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for name, value in x.items():
+            if isinstance(value, float):
+                assert y[name] == pytest.approx(value, rel=rel, abs=1e-300), name
+            else:
+                assert y[name] == value, name
+
+
+def test_score_from_the_store_equals_score_from_the_images(heads_store, scored_config, corpus, tmp_path):
+    """Curvature, scoring, queries, trace-back and exclusions over the stored features give the image
+    run's tables (float64 ≤ 1e-9 relative; the same batches, so in fact bit for bit), the store's bad
+    samples included; the store is not part of the run's identity, so either run resumes the other."""
+    from ecif_ray.pipeline import run_score
+    from ecif_ray.tables import read_manifest
+
+    _, store = heads_store
+    first = sorted(s for s in FeatureStore(str(store)).shards() if s != EXTRA)[0]
+    keys = [k for rows in FeatureStore(str(store)).iter_shard(first, 16) for k in rows.keys]
+    exclude = tmp_path / "exclude.csv"
+    exclude.write_text("".join(f"{first},{k}\n" for k in (keys[3], keys[17], keys[40])))
+    common = dict(train=str(corpus), exclude=str(exclude))
+    images = run_score(scored_config(tmp_path / "images", **common))
+    stored = run_score(scored_config(tmp_path / "stored", features=str(store), **common))
+    assert images.exit_code == stored.exit_code == EXIT_INPUT_ERRORS  # the bad samples of EXTRA
+    a, b = _run_tables(tmp_path / "images"), _run_tables(tmp_path / "stored")
+    for name in ("pairs", "scores", "trace"):
+        _assert_same_rows(a[name], b[name])
+    assert a["errors"] == b["errors"] and {r["key"] for r in b["errors"]} == {"x001", "x003"}
+    assert len(b["pairs"]) == 131 - 3 and not {(first, k) for k in (keys[3], keys[17], keys[40])} & {
+        (r["shard"], r["key"]) for r in b["pairs"]}
+    ma, mb = read_manifest(RunStore(str(tmp_path / "images"))), read_manifest(RunStore(str(tmp_path / "stored")))
+    assert ma.fingerprint == mb.fingerprint and ma.curvature["sample"] == mb.curvature["sample"]
+    assert ma.solver["iterations"] == mb.solver["iterations"] and mb.config["features"] == str(store)
+
+    # The CLI flag, resuming the image run from the store: nothing left to do, same fingerprint.
+    yaml_file = tmp_path / "images.yaml"
+    yaml_file.write_text(yaml.safe_dump(scored_config(tmp_path / "images", **common).model_dump(mode="json")))
+    assert main(["score", "--config", str(yaml_file), "--features", str(store)]) == EXIT_INPUT_ERRORS
+    resumed = read_manifest(RunStore(str(tmp_path / "images")))
+    assert resumed.counts["shards_skipped"] == 3 and resumed.counts["shards_scored"] == 0
+
+
+def test_the_engine_reads_the_store_and_scores_as_from_the_images(heads_store, heads_ckpt, corpus, digits_corpus):
+    from ecif_ray.influence.engine import ECIF
+    from ecif_ray.influence.queries import ValidationQuery
+
+    _, store = heads_store
+    results = []
+    for features in (None, str(store)):
+        engine = ECIF.from_checkpoint(str(heads_ckpt), str(corpus), curvature_segments=4, features=features)
+        directions = engine.solve(ValidationQuery(engine.load(str(digits_corpus / "val"))), misalignment="auto")
+        results.append((engine, engine.score(engine.train_batches, directions).to_pylist()))
+    (from_images, a), (from_store, b) = results
+    assert all(batch.images.numel() == 0 for batch in from_store.train_batches)  # no pixels were read
+    assert from_images.task.n_train == from_store.task.n_train
+    _assert_same_rows(a, b)
+
+
+def test_a_store_that_does_not_fit_the_run_is_refused_before_any_cluster(heads_store, score_config, lora_ckpt,
+                                                                        corpus, digits_corpus, tmp_path, capsys):
+    from ecif_ray.pipeline.prepare import prepare
+
+    _, store = heads_store
+    with pytest.raises(ValueError, match="another trunk"):  # a LoRA checkpoint cuts the towers elsewhere
+        prepare(score_config(tmp_path / "a", ckpt=str(lora_ckpt), train=str(corpus), features=str(store)))
+    with pytest.raises(ValueError, match=r"lacks \d+ of the \d+ train shards \(e.g. val-") as lacking:
+        prepare(score_config(tmp_path / "b", train=[str(corpus / "*.tar"), str(digits_corpus / "val" / "*.tar")],
+                             features=str(store)))
+    assert "ecif-ray features" in str(lacking.value)
+    with pytest.raises(ValueError, match="not a feature store"):
+        prepare(score_config(tmp_path / "c", train=str(corpus), features=str(tmp_path)))
+    assert main(["score", "--ckpt", "x", "--train", str(corpus), "--queries", "task", "--test", str(corpus),
+                 "--out", str(tmp_path / "d"), "--features",
+                 str(store), "--reference", "x", "--no-progress"]) == EXIT_BAD_CONFIG
+    assert "reference" in capsys.readouterr().err

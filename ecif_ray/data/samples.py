@@ -329,7 +329,10 @@ def _decode_image(group: _Group, ext: str, limits: ReadLimits = DEFAULT_LIMITS) 
         message = f".{ext} member is refused by Pillow's decompression-bomb check: {exc}"
         raise _Reject("limit", "ImageTooLarge", message) from exc
     except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
-        raise _Reject("image", type(exc).__name__, f".{ext} member does not decode: {exc}") from exc
+        # Pillow names the in-memory file it could not identify with its address: drop it, so that the
+        # same bad sample gives the same message in every pass (scoring, feature store, rerun).
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))
+        raise _Reject("image", type(exc).__name__, f".{ext} member does not decode: {reason}") from exc
 
 
 def _check_pixels(image: Image.Image, ext: str, limits: ReadLimits) -> None:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
+from ecif_ray.data.feature_source import open_task_store, stored_segments
 from ecif_ray.data.segments import PairBatch, load_segments
 from ecif_ray.data.shards import Shard, list_shards
 from ecif_ray.influence.contrastive import NegativeTerm
@@ -81,20 +82,27 @@ class ECIF:
                         curvature_memory_mb: int = DEFAULT_MEMORY_MB, negative_term: NegativeTerm = "exact",
                         solver: SolverSettings = DEFAULT_SOLVER, damping: Damping = "exact",
                         dtype: AnalysisDType = "auto", device: str = "cpu", trusted_arch: str | None = None,
-                        storage_options: dict | None = None) -> ECIF:
+                        storage_options: dict | None = None, features: str | None = None) -> ECIF:
         """Load θ̂ and the training segments (in memory: for corpora that fit; use the pipeline beyond).
 
         The curvature sample and its defaults are the pipeline's (``ecif-ray score``): every segment up
         to the memory cap, else ``curvature_segments`` drawn by the same planner. ``damping``: δ of the
-        analysis — ``exact`` (the checkpoint's), ``auto`` or a number (docs/concepts.md)."""
+        analysis — ``exact`` (the checkpoint's), ``auto`` or a number (docs/concepts.md). ``features``: a
+        feature store of this checkpoint's trunk (``ecif-ray features``; ``score --features``): the train
+        segments come from it, features attached, instead of from the images."""
         checkpoint = load_checkpoint(ckpt, device, trusted_arch=trusted_arch)
         checkpoint.model.to(getattr(torch, resolve_dtype(dtype, checkpoint.meta.param_subset.kind)))
         shards = list_shards(train, storage_options)
-        batches, _ = load_segments(shards, segment_size=checkpoint.meta.segment_size,
-                                   preprocess=checkpoint.bundle.preprocess, tokenizer=checkpoint.bundle.tokenizer,
-                                   storage_options=storage_options)
-        n_train = int(checkpoint.meta.training.get("n_pairs") or sum(len(b) for b in batches))
-        task = InfluenceTask.from_checkpoint(checkpoint, n_train, negative_term)
+        recorded = int(checkpoint.meta.training.get("n_pairs") or 0)
+        task = InfluenceTask.from_checkpoint(checkpoint, max(recorded, 1), negative_term)
+        size = checkpoint.meta.segment_size
+        if features is None:
+            batches, _ = load_segments(shards, segment_size=size, preprocess=checkpoint.bundle.preprocess,
+                                       tokenizer=checkpoint.bundle.tokenizer, storage_options=storage_options)
+        else:
+            store = open_task_store(features, task, checkpoint.meta.arch, storage_options)
+            batches = [b for s in shards for b in stored_segments(store, s.name, size, task)]
+        task.n_train = recorded or sum(len(b) for b in batches)
         return cls.from_task(task, batches, shards, curvature_segments=curvature_segments,
                              curvature_shards=curvature_shards, curvature_seed=curvature_seed,
                              curvature_memory_mb=curvature_memory_mb, solver=solver, damping=damping)

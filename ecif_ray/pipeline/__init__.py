@@ -5,8 +5,10 @@ one concept each: ``prepare`` (validation and the run's identity, before any clu
 (what an actor does), ``pool`` (the Ray session, actors and their replacement), ``solve`` (the
 distributed GGN matvec and CG), ``shard`` (scoring and committing one shard), ``scheduler`` (shards
 over the pool, retries), ``passes`` (the cluster part of a run), ``results`` (what a run returns,
-exit codes), ``events``/``progress`` (what the driver reports). The curvature sample is planned by
-``influence.sample``, the same planner the notebook engine uses.
+exit codes), ``events``/``progress`` (what the driver reports), ``features`` (``ecif-ray features``:
+the trunk-feature store written by a Ray Data pass, which ``score --features`` reads through
+``data.feature_source``). The curvature sample is planned by ``influence.sample``, the same planner
+the notebook engine uses.
 Ray is imported only by the modules that need it, and only once there is work to do.
 """
 

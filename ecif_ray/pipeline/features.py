@@ -55,22 +55,20 @@ restarted by Ray Data and its shard redone (files are named after the shard, so 
 Ray Data's default puts no limit on restarts, unlike the scoring pool's ``max_worker_failures``.
 Any other exception stops the pass (:class:`FeaturePassFailed`); committed shards stay.
 
-Reading back: ``tables.feature_store.FeatureStore.iter_shard`` gives numpy rows; :func:`to_trunk_features`
-and :func:`store_batches` turn them into ``TrunkFeatures`` / featurized ``PairBatch`` es, checked
-against a task's trunk with :func:`task_identity` and :func:`trunk_fingerprint`.
+Reading back (``data.feature_source``): ``FeatureStore.iter_shard`` gives numpy rows;
+``store_batches`` turns them into featurized ``PairBatch`` es, checked against a task's trunk with
+``task_identity`` / ``trunk_fingerprint``; ``ecif-ray score --features`` and ``ECIF.from_checkpoint(...,
+features=)`` read them there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
-import re
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +80,8 @@ from PIL import Image
 from torch import nn
 
 from ecif_ray import __version__
-from ecif_ray.config import absolute_local, digest
+from ecif_ray.config import absolute_local
+from ecif_ray.data.feature_source import trunk_fingerprint, trunk_identity
 from ecif_ray.data.features import TrunkFeatures
 from ecif_ray.data.limits import DEFAULT_LIMITS, ReadLimits
 from ecif_ray.data.samples import ErrorRecord, ShardUnavailable
@@ -96,7 +95,6 @@ from ecif_ray.pipeline.prepare import check_writable, checkpoint_files, fetch_ch
 from ecif_ray.pipeline.results import EXIT_INCOMPLETE, EXIT_INPUT_ERRORS, EXIT_OK
 from ecif_ray.tables.feature_store import (
     FEATURE_COLUMNS,
-    STORE_FORMAT,
     FeatureColumn,
     FeatureRows,
     FeatureStore,
@@ -108,7 +106,7 @@ from ecif_ray.tables.rows import error_rows
 from ecif_ray.tables.store import ShardRecord
 
 if TYPE_CHECKING:
-    from ecif_ray.influence.task import InfluenceTask
+    pass
 
 FAILED_STAGE = "features"  # errors-row stage of a shard the storage did not deliver in any attempt
 OUTCOME_FIELDS = ("shard", "status", "record", "message", "bytes")
@@ -282,58 +280,6 @@ class FrozenTrunk:
         return feature_columns(self.features(batch))
 
 
-def trunk_identity(model: nn.Module, split: TrunkSplit, trainable: Iterable[str], arch: str, dtype: str,
-                   preprocess: Callable, tokenizer: Callable, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, Any]:
-    """What the trunk's outputs are a function of, as JSON: its fingerprint is ``trunk_fingerprint`` of this.
-
-    ``frozen_weights`` digests every tensor but θ and the logit scale/bias: the trunk holds no trainable
-    tensor (that is where the towers are cut), so checkpoints that differ only in θ share a store."""
-    return {"format": STORE_FORMAT, "arch": arch, "trunk": split.describe(), "dtype": dtype,
-            "frozen_weights": frozen_weights_digest(model, trainable), "preprocess": describe_callable(preprocess),
-            "tokenizer": describe_tokenizer(tokenizer), "limits": dataclasses.asdict(limits)}
-
-
-def task_identity(task: InfluenceTask, arch: str, limits: ReadLimits = DEFAULT_LIMITS) -> dict[str, Any]:
-    """:func:`trunk_identity` of an analysis task's trunk (what a reader checks a store against)."""
-    return trunk_identity(task.bundle.model, task.split, task.names, arch, str(task.dtype).removeprefix("torch."),
-                          task.bundle.preprocess, task.bundle.tokenizer, limits)
-
-
-def trunk_fingerprint(identity: Mapping[str, Any]) -> str:
-    return digest(dict(identity))
-
-
-def frozen_weights_digest(model: nn.Module, trainable: Iterable[str]) -> str:
-    """sha256 over every state tensor but ``trainable`` and ``logit_*``, by name, each as float64 (exact
-    for float32 weights, so the digest does not change when the model is cast for the analysis)."""
-    skip = set(trainable)
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name in skip or name.startswith("logit_"):
-            continue
-        values = tensor.detach().to("cpu", torch.float64).contiguous()
-        h.update(f"{name}:{list(values.shape)}\n".encode())
-        h.update(values.numpy().tobytes())
-    return h.hexdigest()
-
-
-def describe_callable(fn: Callable) -> str:
-    """A stable description of a transform: its repr without memory addresses."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(fn))
-
-
-def describe_tokenizer(tokenizer: Callable) -> str:
-    kind = type(tokenizer)
-    parts = [f"{kind.__module__}.{kind.__qualname__}"]
-    for attr in ("context_length", "vocab_size"):
-        if isinstance(getattr(tokenizer, attr, None), int):
-            parts.append(f"{attr}={getattr(tokenizer, attr)}")
-    inner = getattr(tokenizer, "tokenizer", None)
-    if isinstance(getattr(inner, "name_or_path", None), str):  # open_clip's HFTokenizer
-        parts.append(f"hf={inner.name_or_path}")
-    return ", ".join(parts)
-
-
 # -- features <-> rows -------------------------------------------------------------------------------
 
 def feature_columns(features: TrunkFeatures) -> list[FeatureColumn]:
@@ -348,38 +294,6 @@ def feature_rows(batch: PairBatch, features: TrunkFeatures) -> FeatureRows:
               if getattr(features, name) is not None}
     return FeatureRows(shard=batch.shard, keys=list(batch.keys), shard_index=np.asarray(batch.shard_indices, np.int64),
                        captions=list(batch.captions), meta=[json.dumps(m) for m in batch.meta], arrays=arrays)
-
-
-def to_trunk_features(rows: FeatureRows, source: str = "", device: torch.device | str | None = None) -> TrunkFeatures:
-    """Store rows back as ``TrunkFeatures`` (copies, in the stored dtype); ``source`` should be the reading
-    task's ``trunk_source`` once the store's fingerprint has been checked against it."""
-
-    def tensor(column: str) -> torch.Tensor | None:
-        values = rows.arrays.get(column)
-        if values is None:
-            return None
-        out = torch.from_numpy(np.array(values, copy=True))
-        return out if device is None else out.to(device)
-
-    image, text = tensor(FEATURE_COLUMNS["image"]), tensor(FEATURE_COLUMNS["text"])
-    if image is None or text is None:
-        raise ValueError(f"shard {rows.shard}: rows lack the image or text feature columns")
-    return TrunkFeatures(image, text, tensor(FEATURE_COLUMNS["tokens"]), source)
-
-
-def store_batches(store: FeatureStore, shard: str, segment_size: int, source: str = "",
-                  device: torch.device | str | None = None) -> Iterator[PairBatch]:
-    """A committed shard's segments as featurized ``PairBatch`` es: consecutive rows in tar order,
-    ``segment_size`` at a time (the scorer's segments), features attached with ``source``. The store
-    keeps no pixels: ``images`` is an empty ``[B, 0]`` tensor, ``tokens`` the stored token ids or an empty
-    ``[B, 0]`` tensor, so anything that needs images (``--reference``) must read the shard itself."""
-    for index, rows in enumerate(store.iter_shard(shard, segment_size)):
-        features = to_trunk_features(rows, source, device)
-        n = len(rows)
-        tokens = features.tokens if features.tokens is not None else torch.empty((n, 0), dtype=torch.long)
-        yield PairBatch(shard=shard, segment=index, keys=rows.keys, shard_indices=[int(i) for i in rows.shard_index],
-                        captions=rows.captions, meta=rows.meta_dicts(), images=torch.empty((n, 0)), tokens=tokens,
-                        features=features)
 
 
 # -- one shard (what an actor does) ------------------------------------------------------------------

@@ -72,7 +72,7 @@ def worker_settings(prep: Prepared, use_gpu: bool) -> WorkerSettings:
                           n_train=ckpt.n_train, delta=ckpt.delta, negative_term=cfg.negative_term,
                           segment_size=ckpt.segment_size, ggn_chunk=cfg.solver.chunk, exclude=prep.exclude,
                           storage_options=cfg.storage_options, limits=cfg.limits.read_limits(),
-                          trusted_arch=cfg.trusted_arch, reference=cfg.reference,
+                          trusted_arch=cfg.trusted_arch, reference=cfg.reference, features=cfg.paths.features,
                           reference_files=None if prep.reference_dir is None
                           else ray.put(checkpoint_files(prep.reference_dir)))
 

@@ -21,6 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ecif_ray.config import ScoreConfig, digest
 from ecif_ray.data.exclusions import ExclusionSet, read_exclusions
+from ecif_ray.data.feature_source import task_identity, trunk_fingerprint
 from ecif_ray.data.shards import Shard, list_shards
 from ecif_ray.influence.settings import resolve_dtype
 from ecif_ray.influence.task import InfluenceTask
@@ -33,6 +34,7 @@ from ecif_ray.models.checkpoint import (
     load_checkpoint,
 )
 from ecif_ray.models.reference import ReferenceModel
+from ecif_ray.tables.feature_store import FeatureStore, FeatureStoreMismatch, NotAFeatureStore, StoreInfo
 from ecif_ray.tables.store import RunStore
 
 CHECKPOINT_FILES = (META_FILE, WEIGHTS_FILE, ANCHOR_FILE)
@@ -74,14 +76,16 @@ class Prepared:
     fingerprint: str
     run_id: str
     reference_dir: Path | None = None  # a reference given as a checkpoint directory (shipped to the workers)
+    features: StoreInfo | None = None  # the feature store the train shards are read from (checked, complete)
 
 
 def prepare(config: ScoreConfig) -> Prepared:
     """Resolve and check everything that needs no cluster; raise ValueError naming the field."""
     so, paths = config.storage_options, config.paths
     checkpoint_dir = fetch_checkpoint(paths.ckpt, so)
-    checkpoint = describe_checkpoint(checkpoint_dir, config)
+    checkpoint, task = describe_checkpoint(checkpoint_dir, config)
     shards = list_shards(paths.train, so)
+    features = check_features(paths.features, so, task, checkpoint.arch, config, shards) if paths.features else None
     val = list_shards(paths.val, so) if "val" in config.queries else []
     test = list_shards(paths.test, so) if "task" in config.queries or config.trace else []
     exclude = read_exclusions(paths.exclude, so) if paths.exclude else None
@@ -98,7 +102,28 @@ def prepare(config: ScoreConfig) -> Prepared:
     check_writable(store)
     return Prepared(config=config, store=store, shards=shards, val=val, test=test,
                     exclude=exclude, checkpoint_dir=checkpoint_dir, checkpoint=checkpoint, score_inputs=inputs,
-                    fingerprint=fingerprint, run_id=config.run_id or fingerprint[:12], reference_dir=reference_dir)
+                    fingerprint=fingerprint, run_id=config.run_id or fingerprint[:12], reference_dir=reference_dir,
+                    features=features)
+
+
+def check_features(url: str, so: dict[str, Any] | None, task: InfluenceTask, arch: str, config: ScoreConfig,
+                   shards: list[Shard]) -> StoreInfo:
+    """The feature store the run reads: it must hold this checkpoint's trunk (fingerprint) and every train
+    shard, committed; otherwise a ValueError naming the store and what is missing. Not part of the run's
+    fingerprint: the scores are the same as from the images, so a run may switch between the two on resume."""
+    identity = task_identity(task, arch, config.limits.read_limits())
+    store = FeatureStore(url, so)
+    try:
+        info = store.check(trunk_fingerprint(identity), identity)
+    except (NotAFeatureStore, FeatureStoreMismatch) as exc:
+        raise ValueError(str(exc)) from None
+    names = [s.name for s in shards]
+    missing = [n for n in names if n not in store.completed(names, info.fingerprint)]
+    if missing:
+        raise ValueError(f"features: {store.url} lacks {len(missing)} of the {len(names)} train shards (e.g. "
+                         f"{', '.join(missing[:3])}); complete it with `ecif-ray features --ckpt {config.ckpt} "
+                         f"--train <the same shards> --out {url}`, or score without --features")
+    return info
 
 
 def check_writable(store: RunStore) -> None:
@@ -144,8 +169,9 @@ def describe_reference(config: ScoreConfig) -> tuple[Path | None, str | None]:
     return None, spec
 
 
-def describe_checkpoint(path: Path, config: ScoreConfig) -> CheckpointInfo:
-    """Load the checkpoint once (CPU) to refuse a broken one up front; keep what the run needs."""
+def describe_checkpoint(path: Path, config: ScoreConfig) -> tuple[CheckpointInfo, InfluenceTask]:
+    """Load the checkpoint once (CPU) to refuse a broken one up front; keep what the run needs (and the
+    task, whose trunk a feature store is checked against)."""
     ckpt = load_checkpoint(path, trusted_arch=config.trusted_arch)
     meta = ckpt.meta
     n_train = config.n_train or meta.training.get("n_pairs")
@@ -160,10 +186,11 @@ def describe_checkpoint(path: Path, config: ScoreConfig) -> CheckpointInfo:
     ckpt.model.to(getattr(torch, dtype))
     task = InfluenceTask.from_checkpoint(ckpt, n_train=int(n_train), negative_term=config.negative_term,
                                          delta=delta)
-    return CheckpointInfo(path=str(config.ckpt), sha256=checkpoint_fingerprint(path), arch=meta.arch,
+    info = CheckpointInfo(path=str(config.ckpt), sha256=checkpoint_fingerprint(path), arch=meta.arch,
                           param_subset=meta.param_subset.describe(), logit_scale=meta.logit_scale, delta=delta,
                           segment_size=config.segment_size or meta.segment_size, n_train=int(n_train),
                           dim=task.dim, trunk=task.split.describe(), dtype=dtype)
+    return info, task
 
 
 def checkpoint_files(path: Path) -> dict[str, bytes]:

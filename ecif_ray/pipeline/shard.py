@@ -2,8 +2,10 @@
 
 The shard is streamed (``data.segments.stream_segments``): a worker holds one segment of decoded
 images at a time plus the decoder's read-ahead, and per pair only its scores, so its memory does not
-grow with the shard. Nothing is written before the last segment is scored, so a storage failure
-midway (``ShardUnavailable``) leaves nothing behind.
+grow with the shard. A run with a feature store (``--features``) streams the shard's stored trunk
+features instead (``data.feature_source``): the same segments, the same errors rows, no images.
+Nothing is written before the last segment is scored, so a storage failure midway
+(``ShardUnavailable``) leaves nothing behind.
 
 A plain generator (no Ray): the actor streams its items to the driver, which turns them into
 progress. It yields a :class:`SegmentDone` after each segment and the shard's
@@ -22,14 +24,16 @@ from typing import Any
 import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
-from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits
-from ecif_ray.data.segments import Preprocess, Tokenizer, collate_segment, stream_segments
+from ecif_ray.data.feature_source import stored_errors, stored_segments
+from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits, ShardUnavailable
+from ecif_ray.data.segments import PairBatch, Preprocess, Segment, Tokenizer, collate_segment, stream_segments
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.rows import pair_rows, score_rows
 from ecif_ray.influence.scoring import SegmentScores, score_segment
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.influence.traceback import CurvatureBasis, TopK, trace_segment
 from ecif_ray.models.reference import ReferenceModel
+from ecif_ray.tables.feature_store import FeatureStore
 from ecif_ray.tables.ranking import top_indices
 from ecif_ray.tables.rows import error_rows
 from ecif_ray.tables.store import RunStore, ShardRecord
@@ -72,6 +76,32 @@ class ShardInputs:
     pool: Executor | None = None  # threads that decode and preprocess images (None: this thread)
     limits: ReadLimits = DEFAULT_LIMITS
     reference: ReferenceModel | None = None  # its CLIP score of each pair goes into pairs.reference_clip_score
+    features: FeatureStore | None = None  # read trunk features from this store, not the images (checked by the driver)
+
+    def segments(self, task: InfluenceTask, shard: Shard, errors: list[ErrorRecord]) -> Iterator[Segment | PairBatch]:
+        """The shard's segments in order: decoded ``Segment`` s, or, from the feature store, ``PairBatch`` es
+        with ``task``'s features attached; bad samples go to ``errors`` either way. A store read that fails
+        raises ``ShardUnavailable`` (retried, never committed), as a failed shard read does."""
+        if self.features is None:
+            return stream_segments(shard, segment_size=self.segment_size, exclude=self.exclude,
+                                   storage_options=self.storage_options, pool=self.pool, limits=self.limits,
+                                   errors=errors)
+        return self._stored(task, shard, errors)
+
+    def _stored(self, task: InfluenceTask, shard: Shard, errors: list[ErrorRecord]) -> Iterator[PairBatch]:
+        assert self.features is not None
+        try:
+            errors.extend(stored_errors(self.features, shard.name))
+            yield from stored_segments(self.features, shard.name, self.segment_size, task, self.exclude)
+        except OSError as exc:
+            raise ShardUnavailable(f"shard {shard.name}: features: {self.features.url}: {type(exc).__name__}: "
+                                   f"{exc}") from exc
+
+    def collate(self, item: Segment | PairBatch) -> PairBatch:
+        """A segment as model inputs (a stored batch already is one)."""
+        if isinstance(item, PairBatch):
+            return item
+        return collate_segment(item, self.preprocess, self.tokenizer, self.pool)
 
 
 def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directions: torch.Tensor,
@@ -83,18 +113,17 @@ def score_shard(task: InfluenceTask, inputs: ShardInputs, job: ShardJob, directi
     """
     start = time.perf_counter()
     errors: list[ErrorRecord] = []
-    segments = stream_segments(job.shard, segment_size=inputs.segment_size, exclude=inputs.exclude,
-                               storage_options=inputs.storage_options, pool=inputs.pool, limits=inputs.limits,
-                               errors=errors)
+    segments = inputs.segments(task, job.shard, errors)
     named = directions[: len(job.queries)]
     traced = directions[len(job.queries):]
     top = TopK(list(job.traced), job.trace_top_k) if job.traced else None
     results: list[SegmentScores] = []
     pairs = 0
     for done, segment in enumerate(segments, start=1):
-        batch = collate_segment(segment, inputs.preprocess, inputs.tokenizer, inputs.pool)
+        batch = inputs.collate(segment)
         scores = score_segment(task, batch, named, inputs.chunk)
         if inputs.reference is not None:
+            assert isinstance(segment, Segment), "a reference needs the images (the config refuses it with features)"
             scores.reference_clip_score = inputs.reference.clip_scores([s.image for s in segment.samples],
                                                                        batch.captions)
         results.append(scores)

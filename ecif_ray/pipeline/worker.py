@@ -31,7 +31,7 @@ import torch
 
 from ecif_ray.data.exclusions import ExclusionSet
 from ecif_ray.data.samples import DEFAULT_LIMITS, ErrorRecord, ReadLimits
-from ecif_ray.data.segments import PairBatch, Segment, collate_segment, load_segments, stream_segments
+from ecif_ray.data.segments import PairBatch, Segment, load_segments
 from ecif_ray.data.shards import Shard
 from ecif_ray.influence.curvature import curvature_stacks, ggn_sum
 from ecif_ray.influence.engine import feature_bytes_per_pair
@@ -43,6 +43,7 @@ from ecif_ray.models.checkpoint import load_checkpoint
 from ecif_ray.models.reference import ReferenceModel
 from ecif_ray.models.zeroshot import find_classes
 from ecif_ray.pipeline.shard import SegmentDone, ShardInputs, ShardJob, score_shard
+from ecif_ray.tables.feature_store import FeatureStore
 from ecif_ray.tables.store import RunStore, ShardRecord
 
 TEST_SEGMENT_SIZE = 256  # zero-shot loss is per image: batching only bounds memory
@@ -67,6 +68,7 @@ class WorkerSettings:
     trusted_arch: str | None = None  # the one model source outside the builtin configs the checkpoint may name
     reference: str | None = None  # models.reference spec: ARCH:TAG, or a checkpoint shipped as reference_files
     reference_files: Any = None  # ObjectRef of a reference checkpoint's files (put once, shared by the actors)
+    features: str | None = None  # feature store the train shards' trunk features are read from (driver-checked)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ class InfluenceWorker:
         self.inputs = ShardInputs(segment_size=settings.segment_size, preprocess=bundle.preprocess,
                                   tokenizer=bundle.tokenizer, exclude=settings.exclude,
                                   storage_options=settings.storage_options, pool=pool, limits=settings.limits,
-                                  reference=_load_reference(settings, self.device))
+                                  reference=_load_reference(settings, self.device),
+                                  features=None if settings.features is None
+                                  else FeatureStore(settings.features, settings.storage_options))
         self.store = RunStore(settings.out, settings.storage_options)
         self.curvature: dict[int, list[SegmentStack]] = {}
         self.ready_rss = peak_rss_bytes()  # the floor: interpreter, libraries and the model, before any work
@@ -171,7 +175,7 @@ class InfluenceWorker:
         cap); past it a second pass featurizes the chosen ones."""
         kept: list[PairBatch] = []
         count = 0
-        for segment in self._stream(request.shard):
+        for segment in self._segments(request.shard):
             count += 1
             if count <= request.quota:
                 kept.append(self._featurized(segment))
@@ -180,29 +184,25 @@ class InfluenceWorker:
         chosen = choose_segments(request.shard.name, count, request.quota, request.seed)
         if count > request.quota:
             wanted = set(chosen)
-            kept = [self._featurized(seg) for i, seg in enumerate(self._stream(request.shard)) if i in wanted]
+            kept = [self._featurized(seg) for i, seg in enumerate(self._segments(request.shard)) if i in wanted]
         self.curvature[request.group] = curvature_stacks(self.task, kept)
         return CurvatureGroup(group=request.group, shard=request.shard.name, segments=tuple(b.segment for b in kept),
                               pairs=sum(len(b) for b in kept), shard_segments=count)
 
-    def _stream(self, shard: Shard) -> Iterator[Segment]:
-        return stream_segments(shard, segment_size=self.settings.segment_size, exclude=self.settings.exclude,
-                               storage_options=self.settings.storage_options, pool=self.inputs.pool,
-                               limits=self.settings.limits)
+    def _segments(self, shard: Shard) -> Iterator[Segment | PairBatch]:
+        return self.inputs.segments(self.task, shard, [])  # bad samples are reported by the scoring pass
 
-    def _featurized(self, segment: Segment) -> PairBatch:
+    def _featurized(self, segment: Segment | PairBatch) -> PairBatch:
         """The segment collated, its trunk features attached and its images dropped."""
-        batch = self.task.featurize(collate_segment(segment, self.inputs.preprocess, self.inputs.tokenizer,
-                                                    self.inputs.pool))
+        batch = self.task.featurize(self.inputs.collate(segment))
         return dataclasses.replace(batch, images=batch.images[:0])
 
     def feature_bytes_per_pair(self, shard: Shard) -> int:
         """Bytes of trunk features per pair (the curvature cap's unit), from the shard's first segment."""
-        first = next(self._stream(shard), None)
+        first = next(self._segments(shard), None)
         if first is None:
             raise ValueError(f"train: {shard.name}: no readable pairs to size the curvature sample with")
-        return feature_bytes_per_pair(self.task, collate_segment(first, self.inputs.preprocess,
-                                                                 self.inputs.tokenizer))
+        return feature_bytes_per_pair(self.task, self.inputs.collate(first))
 
     def ggn(self, groups: list[int], vectors: np.ndarray) -> list[np.ndarray]:
         """Σ_{m ∈ group} J_mᵀ Λ_m J_m V for each requested group (unnormalised, in request order)."""

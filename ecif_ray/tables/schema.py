@@ -64,7 +64,7 @@ ERRORS = pa.schema(
     [
         pa.field("shard", pa.string(), nullable=False),
         pa.field("key", pa.string(), nullable=False),    # "" when the whole shard is unreadable
-        # stage: read | key | limit | image | caption | duplicate | score | query
+        # stage: read | key | limit | image | caption | duplicate | score | query | features
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),  # short class, e.g. EmptyCaption, OSError
         pa.field("message", pa.string(), nullable=False),
