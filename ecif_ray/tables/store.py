@@ -179,8 +179,13 @@ class RunStore:
         return leftovers
 
     def get(self, relative: str) -> bytes | None:
+        path = self.path(relative)
+        if not self.local:
+            # Object-store filesystems answer from the folder listings this process cached: a file another
+            # process wrote (or rewrote) since would read as missing or with its old size. Drop them.
+            self.fs.invalidate_cache(path)
         try:
-            return self.fs.cat_file(self.path(relative))
+            return self.fs.cat_file(path)
         except FileNotFoundError:
             return None
 

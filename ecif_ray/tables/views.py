@@ -134,7 +134,9 @@ def _local_glob(store: RunStore, table: str) -> str | None:
 
 def _remote_dataset(store: RunStore, table: str) -> ds.Dataset | None:
     base = store.path(table)
-    store.fs.invalidate_cache(base)
+    # Every cached listing, not just ``base`` and its parents: the partition folders' listings (with
+    # the files' ETags) would otherwise outlive a rerun that rewrote a shard's file.
+    store.fs.invalidate_cache()
     if not store.fs.exists(base):
         return None
     dataset = ds.dataset(base, filesystem=store.fs, format="parquet", partitioning=_HIVE)
