@@ -311,6 +311,6 @@ def test_a_store_that_does_not_fit_the_run_is_refused_before_any_cluster(heads_s
     with pytest.raises(ValueError, match="not a feature store"):
         prepare(score_config(tmp_path / "c", train=str(corpus), features=str(tmp_path)))
     assert main(["score", "--ckpt", "x", "--train", str(corpus), "--queries", "task", "--test", str(corpus),
-                 "--out", str(tmp_path / "d"), "--features",
-                 str(store), "--reference", "x", "--no-progress"]) == EXIT_BAD_CONFIG
+                 "--out", str(tmp_path / "d"), "--features", str(store), "--reference", "x",
+                 "--no-progress"]) == EXIT_BAD_CONFIG
     assert "reference" in capsys.readouterr().err
