@@ -256,6 +256,17 @@ def included_rows(paths: Sequence[str], rows: Sequence[dict], identity: Sequence
     return list(merged.values())
 
 
+def write_table_result(out: str | Path, args: object, rows: Sequence[dict], table: str) -> Path:
+    """Print ``table`` and write ``<out>.json`` with the arguments, the machine, the rows and the table."""
+    print(table)
+    path = Path(out).with_suffix(".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": vars(args), "machine": machine_notes(), "rows": list(rows), "table": table},
+                               indent=2))
+    print("wrote", path)
+    return path
+
+
 def write_outputs(stem: Path, payload: dict, rows: Sequence[dict]) -> list[Path]:
     """``stem.json`` (everything) and ``stem.csv`` (the per-run rows)."""
     stem.parent.mkdir(parents=True, exist_ok=True)

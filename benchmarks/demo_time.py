@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine_notes, markdown_table
+from common import RESULTS, markdown_table, write_table_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,7 @@ def main() -> None:
         ["version", *steps, "demo wall s", "process wall s", "ECIF AUROC"],
         [[r["version"], *(f"{r['timings'][s]:.1f}" for s in steps), f"{r['wall_time_s']:.1f}",
           f"{r['process_wall_s']:.1f}", f"{next(iter(r['detection'].values()))['auroc']:.3f}"] for r in rows])
-    print(table)
-    out = Path(args.out).with_suffix(".json")
-    out.write_text(json.dumps({"args": vars(args), "machine": machine_notes(), "rows": rows, "table": table},
-                              indent=2))
-    print("wrote", out)
+    write_table_result(args.out, args, rows, table)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ Rows:
 
     python benchmarks/feature_store.py
     python benchmarks/feature_store.py --workers 1 2 --out benchmarks/results/feature_store
+    python benchmarks/feature_store.py --pass-only ~/.cache/ecif-ray-bench/million/shards-100000 --rounds 1 \
+        --out benchmarks/results/feature_store_pass_100k        # the first two rows at 100,000 pairs
 
 Writes <out>.json.
 """
@@ -153,6 +155,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="plain-inference / 1-actor feature-pass rounds, alternated")
     p.add_argument("--work", default=str(DEFAULT_WORK))
     p.add_argument("--out", default=str(RESULTS / "feature_store"))
+    p.add_argument("--pass-only", metavar="SHARDS", help="only the plain-inference / 1-actor feature-pass rounds, "
+                   "over these shards (e.g. the 100,000 pairs benchmarks/million.py --keep leaves), same model")
     args = p.parse_args()
     setup_torch()
     import ray
@@ -166,9 +170,19 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="ecif-fs-bench-") as tmp:
         store = Path(tmp) / "store"
+        train = Path(args.pass_only) if args.pass_only else setting / "train"
         for r in range(args.rounds):  # alternate: load from other processes hits both alike
-            rows.append({**plain_inference(ckpt, setting / "train", recipe.segment_size, torch.float64), "round": r})
-            rows.append({**feature_pass(ckpt, setting / "train", store, 1), "round": r})
+            rows.append({**plain_inference(ckpt, train, recipe.segment_size, torch.float64), "round": r})
+            rows.append({**feature_pass(ckpt, train, store, 1), "round": r})
+        if args.pass_only:
+            ray.shutdown()
+            ratio = statistics.median(r["pairs_per_s"] for r in rows if r["row"] == "feature-pass-1w") / \
+                statistics.median(r["pairs_per_s"] for r in rows if r["row"] == "plain-inference")
+            Path(args.out).with_suffix(".json").write_text(json.dumps(
+                {"args": vars(args), "machine": machine_notes(), "checkpoint": str(ckpt), "rows": rows,
+                 "ratios": {"feature_pass_1w_vs_plain": ratio}}, indent=2, default=str))
+            print(json.dumps(rows, indent=1), "\nfeature pass / plain:", round(ratio, 3))
+            return
         for workers in [w for w in args.workers if w != 1]:
             rows.append(feature_pass(ckpt, setting / "train", store, workers))
         images_row, images_pairs = score_run(ckpt, setting, Path(tmp) / "run-images", None)

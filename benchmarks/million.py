@@ -12,13 +12,21 @@ its peak RSS is its own):
   score      ``ecif-ray score --features STORE --workers 2 --n-train N`` (val query, misalignment):
              curvature over every pair up to the memory cap, float64 solve, scoring of every pair
   sql        ``ecif-ray sql RUN "SELECT key, misalignment FROM pairs ORDER BY misalignment DESC LIMIT 100"``
+  embeddings ``ecif-ray embeddings`` into the store, then ``ecif-ray sql STORE`` for the 100 lowest
+             ``clip_score``
+
+``--stages`` picks some of them (without ``features``, the store a ``--keep`` run left is read);
+``--curvature-memory-mb`` caps score's curvature sample per worker.
 
 Reported: wall time per stage, bytes per pair of the store and of the run directory, the number of
-files, the driver's and the workers' peak RSS (score: the manifest's; features: the driver's), and the
-top-100 query's time. Nothing here is in the test suite; it needs ~1 h of this machine at 1M.
+files, the driver's and the workers' peak RSS (features: the command's and each actor's; score: the
+command's and the manifest's), and the top-100 query's time. Nothing here is in the test suite; it
+needs ~1 h of this machine at 1M.
 
     python benchmarks/million.py                         # 100k and 1M
     python benchmarks/million.py --sizes 100000          # a quick look
+    python benchmarks/million.py --sizes 100000 1000000 --stages score --curvature-memory-mb 32 --keep \
+        --out benchmarks/results/million_capped            # the store kept, the curvature sample capped
 
 Writes <out>.json.
 """
@@ -40,6 +48,7 @@ from common import DEFAULT_WORK, RESULTS, corpus, finetune, machine_notes, markd
 
 SHARD_PAIRS = 1000
 TOP_100 = "SELECT key, misalignment FROM pairs ORDER BY misalignment DESC LIMIT 100"
+LOWEST_100 = "SELECT shard, key, caption, clip_score FROM embeddings ORDER BY clip_score LIMIT 100"
 
 
 def source_samples(train: Path) -> list[list[tuple[str, str, bytes]]]:
@@ -80,8 +89,8 @@ RUNNER = ("import sys\nfrom ecif_ray.cli import main\nfrom ecif_ray.pipeline.wor
           "code = main(sys.argv[1:])\nprint('{peak}', peak_rss_bytes(), file=sys.stderr)\nsys.exit(code)")
 
 
-def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Run an ``ecif-ray`` command in its own process: (wall seconds, that process's peak RSS in bytes)."""
+def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """Run an ``ecif-ray`` command in its own process: (wall seconds, its peak RSS in bytes, its stdout)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RUNNER.format(peak=PEAK), *args], env=env, capture_output=True,
                           text=True)
@@ -89,7 +98,7 @@ def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, int]:
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"{args[:1]} exited {proc.returncode}: {proc.stderr[-3000:]}")
     peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith(PEAK))
-    return seconds, peak
+    return seconds, peak, proc.stdout
 
 
 def directory_stats(path: Path) -> tuple[int, int]:
@@ -97,43 +106,78 @@ def directory_stats(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def run_size(pairs: int, samples: list, ckpt: Path, setting: Path, work: Path, env: dict[str, str]) -> dict:
+STAGES = ("features", "score", "embeddings")
+
+
+def run_size(pairs: int, samples: list, ckpt: Path, setting: Path, work: Path, env: dict[str, str],
+             stages: tuple[str, ...] = STAGES, curvature_memory_mb: int | None = None) -> dict:
+    """The stages for one size; a stage left out uses what an earlier ``--keep`` run left (the store)."""
     shards_dir = work / f"shards-{pairs}"
     t0 = time.perf_counter()
     shards = build(shards_dir, pairs, samples)
-    build_s = time.perf_counter() - t0
-    store, run = work / f"store-{pairs}", work / f"run-{pairs}"
-    shutil.rmtree(store, ignore_errors=True)
-    shutil.rmtree(run, ignore_errors=True)
-    features_s, features_rss = timed_process(
-        ["features", "--ckpt", str(ckpt), "--train", str(shards_dir), "--out", str(store), "--workers", "2",
-         "--no-progress"], env)
-    score_s, score_rss = timed_process(
-        ["score", "--ckpt", str(ckpt), "--train", str(shards_dir), "--val", str(setting / "val"),
-         "--features", str(store), "--out", str(run), "--workers", "2", "--n-train", str(pairs), "--no-progress"], env)
-    sql_s, _ = timed_process(["sql", str(run), TOP_100], env)
-    manifest = json.loads((run / "manifest.json").read_text())
-    store_files, store_bytes = directory_stats(store)
-    run_files, run_bytes = directory_stats(run)
+    row: dict = {"pairs": pairs, "shards": shards, "build_s": round(time.perf_counter() - t0, 1)}
     shard_files, shard_bytes = directory_stats(shards_dir)
-    workers = manifest["memory"]["workers"]
-    return {
-        "pairs": pairs, "shards": shards, "build_s": round(build_s, 1), "features_s": round(features_s, 1),
-        "score_s": round(score_s, 1), "sql_top100_s": round(sql_s, 2),
-        "score_timings": manifest["timings"], "curvature_pairs": manifest["curvature"].get("pairs"),
-        "cg_iterations": manifest["solver"].get("iterations"), "scored_pairs": manifest["counts"]["pairs"],
-        "features_driver_peak_rss_mib": round(features_rss / 2**20),
-        "score_driver_peak_rss_mib": round(score_rss / 2**20),
-        "score_worker_peak_rss_mib": [round(w["peak_rss_bytes"] / 2**20) for w in workers],
-        "shard_bytes_per_pair": round(shard_bytes / pairs, 1), "store_bytes_per_pair": round(store_bytes / pairs, 1),
-        "run_bytes_per_pair": round(run_bytes / pairs, 1), "files": {"shards": shard_files, "store": store_files,
-                                                                    "run": run_files},
-    }
+    row.update(shard_bytes_per_pair=round(shard_bytes / pairs, 1), files={"shards": shard_files})
+    store, run = work / f"store-{pairs}", work / f"run-{pairs}"
+    if "features" in stages:
+        row.update(features_stage(shards_dir, store, ckpt, env))
+        store_files, store_bytes = directory_stats(store)  # before the embeddings add their own files
+        row.update(store_bytes_per_pair=round(store_bytes / pairs, 1))
+        row["files"]["store"] = store_files
+    if "score" in stages:
+        row.update(score_stage(shards_dir, store, run, ckpt, setting, pairs, env, curvature_memory_mb))
+        run_files, run_bytes = directory_stats(run)
+        row.update(run_bytes_per_pair=round(run_bytes / pairs, 1))
+        row["files"]["run"] = run_files
+    if "embeddings" in stages:
+        row["embeddings"] = embeddings_stage(store, ckpt, env)
+    row["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return row
+
+
+def features_stage(shards_dir: Path, store: Path, ckpt: Path, env: dict[str, str]) -> dict:
+    shutil.rmtree(store, ignore_errors=True)
+    seconds, rss, out = timed_process(["features", "--ckpt", str(ckpt), "--train", str(shards_dir), "--out",
+                                       str(store), "--workers", "2", "--no-progress", "--json"], env)
+    workers = json.loads(out)["worker_peak_rss_bytes"]
+    return {"features_s": round(seconds, 1), "features_driver_peak_rss_mib": round(rss / 2**20),
+            "features_worker_peak_rss_mib": [round(b / 2**20) for b in workers.values()]}
+
+
+def score_stage(shards_dir: Path, store: Path, run: Path, ckpt: Path, setting: Path, pairs: int,
+                env: dict[str, str], curvature_memory_mb: int | None) -> dict:
+    """``ecif-ray score --features`` into a fresh run directory, then the top-100 query over it."""
+    shutil.rmtree(run, ignore_errors=True)
+    cap = ["--curvature-memory-mb", str(curvature_memory_mb)] if curvature_memory_mb else []
+    seconds, rss, _ = timed_process(
+        ["score", "--ckpt", str(ckpt), "--train", str(shards_dir), "--val", str(setting / "val"), "--features",
+         str(store), "--out", str(run), "--workers", "2", "--n-train", str(pairs), "--no-progress", *cap], env)
+    sql_s, _, _ = timed_process(["sql", str(run), TOP_100], env)
+    manifest = json.loads((run / "manifest.json").read_text())
+    return {"score_s": round(seconds, 1), "sql_top100_s": round(sql_s, 2), "score_timings": manifest["timings"],
+            "curvature_memory_mb": curvature_memory_mb, "curvature_pairs": manifest["curvature"].get("pairs"),
+            "cg_iterations": manifest["solver"].get("iterations"), "scored_pairs": manifest["counts"]["pairs"],
+            "score_driver_peak_rss_mib": round(rss / 2**20),
+            "score_worker_peak_rss_mib": [round(w["peak_rss_bytes"] / 2**20) for w in manifest["memory"]["workers"]]}
+
+
+def embeddings_stage(store: Path, ckpt: Path, env: dict[str, str]) -> dict:
+    """``ecif-ray embeddings`` into the store, then the CLIP-score filter query over the view."""
+    seconds, rss, out = timed_process(["embeddings", "--ckpt", str(ckpt), "--features", str(store), "--no-progress",
+                                       "--json"], env)
+    result = json.loads(out)
+    sql_s, _, _ = timed_process(["sql", str(store), LOWEST_100], env)
+    return {"embeddings_s": round(seconds, 1), "pairs_per_s": result["pairs_per_s"],
+            "disk_bytes_per_pair": result["disk_bytes_per_pair"], "peak_rss_mib": round(rss / 2**20),
+            "sql_lowest100_s": round(sql_s, 2)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="what to run; without features the store an earlier --keep run left is used")
+    p.add_argument("--curvature-memory-mb", type=int, help="score's cap on the curvature sample per worker")
     p.add_argument("--work", default=str(DEFAULT_WORK))
     p.add_argument("--scratch", default=None, help="where shards, stores and runs go (default: <work>/million)")
     p.add_argument("--keep", action="store_true", help="keep the shards, stores and runs")
@@ -150,20 +194,26 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         print(f"[million] {size:,} pairs", flush=True)
-        rows.append(run_size(size, samples, ckpt, setting, scratch, env))
+        rows.append(run_size(size, samples, ckpt, setting, scratch, env, tuple(args.stages), args.curvature_memory_mb))
         print(json.dumps(rows[-1]), flush=True)
         Path(args.out).with_suffix(".json").write_text(json.dumps(
             {"args": vars(args), "machine": machine_notes(), "checkpoint": str(ckpt), "rows": rows}, indent=2))
     if not args.keep:
         shutil.rmtree(scratch, ignore_errors=True)
+
+    def get(row: dict, *path: str) -> str:
+        for key in path:
+            row = row.get(key, {}) if isinstance(row, dict) else {}
+        return "—" if row in ({}, None) else ", ".join(map(str, row)) if isinstance(row, list) else str(row)
+
     print(markdown_table(
-        ["pairs", "shards", "features s", "score s (curvature / scoring)", "top-100 SQL s", "store B/pair",
-         "run B/pair", "driver peak MiB (features / score)", "worker peak MiB"],
-        [[f"{r['pairs']:,}", str(r["shards"]), str(r["features_s"]),
-          f"{r['score_s']} ({r['score_timings'].get('curvature_s')} / {r['score_timings'].get('scoring_s')})",
-          str(r["sql_top100_s"]), str(r["store_bytes_per_pair"]), str(r["run_bytes_per_pair"]),
-          f"{r['features_driver_peak_rss_mib']} / {r['score_driver_peak_rss_mib']}",
-          ", ".join(map(str, r["score_worker_peak_rss_mib"]))] for r in rows]))
+        ["pairs", "features s", "score s", "curvature / scoring s", "top-100 SQL s", "embeddings s",
+         "store B/pair", "driver peak MiB (features / score)", "worker peak MiB (features / score)"],
+        [[f"{r['pairs']:,}", get(r, "features_s"), get(r, "score_s"),
+          f"{get(r, 'score_timings', 'curvature_s')} / {get(r, 'score_timings', 'scoring_s')}",
+          get(r, "sql_top100_s"), get(r, "embeddings", "embeddings_s"), get(r, "store_bytes_per_pair"),
+          f"{get(r, 'features_driver_peak_rss_mib')} / {get(r, 'score_driver_peak_rss_mib')}",
+          f"{get(r, 'features_worker_peak_rss_mib')} / {get(r, 'score_worker_peak_rss_mib')}"] for r in rows]))
 
 
 if __name__ == "__main__":

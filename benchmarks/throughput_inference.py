@@ -25,13 +25,11 @@ Writes <out>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import RESULTS, machine_notes, markdown_table, setup_torch
+from common import RESULTS, markdown_table, setup_torch, write_table_result
 
 from ecif_ray.data.segments import PairBatch
 from ecif_ray.influence.autodiff import forward_ad_attention
@@ -153,12 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.queries, args.device)
             for dtype in args.dtypes for subset in args.subsets]
     table = rate_table(rows)
-    print(table)
-    out = Path(args.out).with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "machine": machine_notes(), "rows": rows, "table": table},
-                              indent=2))
-    print("wrote", out)
+    write_table_result(args.out, args, rows, table)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from ecif_ray.tables.lease import RunLease
 from ecif_ray.tables.schema import ERRORS
 from ecif_ray.tables.store import LINEAGE_KEY, RunStore
 
-EXTRA = "extra-000000.tar"  # five samples, two of them bad
+EXTRA = "extra-000000.tar"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "pipeline.md"  # five samples, two of them bad
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +296,74 @@ def test_the_engine_reads_the_store_and_scores_as_from_the_images(heads_store, h
     assert all(batch.images.numel() == 0 for batch in from_store.train_batches)  # no pixels were read
     assert from_images.task.n_train == from_store.task.n_train
     _assert_same_rows(a, b)
+
+
+def test_embeddings_of_a_checkpoint_from_the_store_with_sql_views(heads_store, heads_ckpt, lora_ckpt, corpus, tmp_path,
+                                                                  capsys):
+    """``ecif-ray embeddings`` writes the checkpoint's normalised embeddings and s·û·v̂ of every stored pair
+    (what the scorer's similarity matrix has on its diagonal, from the images), resumes, refuses another
+    trunk, and ``ecif-ray sql STORE`` queries the store's views."""
+    import json
+    import shutil
+
+    _, original = heads_store
+    store = tmp_path / "store"
+    shutil.copytree(original, store)  # the module's store stays as the other tests expect it
+    assert main(["embeddings", "--ckpt", str(heads_ckpt), "--features", str(store), "--no-progress", "--json",
+                 "--batch-size", "7"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shards_written"] == 3 and result["pairs_written"] == 131 and result["dim"] == 16
+
+    task, _ = _task(heads_ckpt, torch.float64)
+    bundle = task.bundle
+    batches, _ = load_segments(str(corpus), segment_size=16, preprocess=bundle.preprocess, tokenizer=bundle.tokenizer)
+    from ecif_ray.tables import connect
+
+    table = connect(str(store)).sql("SELECT * FROM embeddings ORDER BY shard, shard_index").to_arrow_table()
+    assert set(table.column("checkpoint").to_pylist()) == {result["checkpoint_id"]}
+    stored = {(row["shard"], row["key"]): row for row in table.to_pylist()}
+    assert len(stored) == 131
+    for batch in batches:
+        image, text = task.embeddings(task.features(batch), task.params)
+        diagonal = torch.diagonal(task.similarity_fn(batch)(task.params))
+        for i, key in enumerate(batch.keys):
+            row = stored[(batch.shard, key)]
+            assert row["clip_score"] == pytest.approx(float(diagonal[i]), rel=1e-12)
+            assert np.allclose(row["image_embedding"], image[i].numpy(), rtol=1e-6, atol=1e-7)
+            assert np.allclose(row["text_embedding"], text[i].numpy(), rtol=1e-6, atol=1e-7)
+            assert np.linalg.norm(row["image_embedding"]) == pytest.approx(1.0, rel=1e-6)
+
+    # A rerun has nothing to do; a lost file is rewritten; another trunk is refused, naming the store.
+    lost = next((store / "embeddings" / f"checkpoint={result['checkpoint_id']}").glob("*.parquet"))
+    lost.unlink()
+    assert main(["embeddings", "--ckpt", str(heads_ckpt), "--features", str(store), "--no-progress", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["shards_written"] == 1 and again["shards_skipped"] == 2 and lost.exists()
+    assert main(["embeddings", "--ckpt", str(lora_ckpt), "--features", str(store), "--no-progress"]) == EXIT_BAD_CONFIG
+    assert "another trunk" in capsys.readouterr().err
+
+    # SQL over the store: CLIP-score filtering, the features and errors views, nearest neighbours (dedup).
+    median = float(np.median([r["clip_score"] for r in stored.values()]))
+    query = (f"SELECT (SELECT count(*) FROM embeddings WHERE clip_score < {median!r}) AS below, "
+             "(SELECT count(*) FROM features) AS features, (SELECT count(*) FROM errors) AS errors")
+    assert main(["sql", str(store), query, "--format", "json"]) == 0
+    [counts] = json.loads(capsys.readouterr().out)
+    assert counts == {"below": sum(r["clip_score"] < median for r in stored.values()), "features": 131, "errors": 2}
+    nearest = ("SELECT a.shard, a.key, max(list_cosine_similarity(a.image_embedding, b.image_embedding)) AS cos "
+               "FROM embeddings a JOIN embeddings b ON (a.shard, a.key) <> (b.shard, b.key) GROUP BY ALL")
+    assert main(["sql", str(store), nearest, "--format", "json"]) == 0
+    vectors = np.array([r["image_embedding"] for r in stored.values()], np.float64)
+    cosine = vectors @ vectors.T
+    np.fill_diagonal(cosine, -np.inf)
+    want = dict(zip(stored, cosine.max(axis=1)))
+    got = {(r["shard"], r["key"]): r["cos"] for r in json.loads(capsys.readouterr().out)}
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want)
+    assert main(["sql", str(store), "COPY embeddings TO 'x.csv'"]) == EXIT_BAD_CONFIG  # read-only as for runs
+    documented = re.findall(r'ecif-ray sql corpus/features-ft "(.*?)"', DOCS.read_text(), flags=re.S)
+    assert len(documented) == 2
+    for query in documented:
+        assert main(["sql", str(store), query, "--format", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)
 
 
 def test_a_store_that_does_not_fit_the_run_is_refused_before_any_cluster(heads_store, score_config, lora_ckpt,

@@ -393,3 +393,22 @@ def test_a_rerun_of_features_rewrites_only_the_shard_whose_commit_record_is_gone
         "a feature store opened in a process that listed it before a rerun committed a shard cannot read that "
         f"shard: {type(same_reader).__name__}: {str(same_reader).splitlines()[0][:500]}")
     assert same_reader.equals(rows[gone])
+
+
+def test_embeddings_of_the_store_on_s3_are_the_runs_clip_scores(s3: S3Layout, scored, capsys):
+    """`ecif-ray embeddings` (driver only, no cluster) over the store on S3, then `ecif-ray sql` over the store:
+    every pair's clip_score is the one the run from the same checkpoint wrote into pairs."""
+    from ecif_ray.cli import main
+
+    options = json.dumps(s3.storage_options)
+    assert main(["embeddings", "--ckpt", s3.ckpt, "--features", s3.store, "--storage-options", options,
+                 "--no-progress", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["shards_written"], result["pairs_written"]) == (2, 128)
+    assert main(["sql", s3.store, "SELECT shard, key, clip_score, len(image_embedding) AS d FROM embeddings",
+                 "--storage-options", options, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["d"] for r in rows} == {result["dim"]}
+    pairs = _tables(s3)["pairs"]
+    want = dict(zip(zip(pairs["shard"].to_pylist(), pairs["key"].to_pylist()), pairs["clip_score"].to_pylist()))
+    assert {(r["shard"], r["key"]): r["clip_score"] for r in rows} == pytest.approx(want, rel=1e-12)

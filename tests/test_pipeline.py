@@ -35,7 +35,23 @@ def table(run_dir: str | Path, name: str, storage_options: dict | None = None) -
 
 @pytest.fixture(scope="module")
 def one_worker_run(scored_run, scored_config, tmp_path_factory):
-    return run_score(scored_config(tmp_path_factory.mktemp("runs") / "one-worker", workers=1))
+    """The same run with one worker, and with every distributed G·V fetched one group at a time (the
+    partials' memory bound set to 1 byte); ``chunks`` records the groups asked for per fetch."""
+    from ecif_ray.pipeline import solve
+
+    chunks: list[int] = []
+    fetch = solve.DistributedCurvature._partials
+
+    def recorded(self, groups, vectors):
+        chunks.append(len(groups))
+        return fetch(self, groups, vectors)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(solve, "PARTIALS_BYTES", 1)
+        patch.setattr(solve.DistributedCurvature, "_partials", recorded)
+        result = run_score(scored_config(tmp_path_factory.mktemp("runs") / "one-worker", workers=1))
+    result.chunks = chunks
+    return result
 
 
 def test_run_scores_every_pair_once(scored_run):
@@ -55,6 +71,9 @@ def test_run_scores_every_pair_once(scored_run):
 
 
 def test_scores_are_identical_for_one_and_two_workers(scored_run, one_worker_run):
+    """Partials are summed in group order, so neither the worker count nor fetching them a chunk at a
+    time changes a bit."""
+    assert set(one_worker_run.chunks) == {1} and len(one_worker_run.chunks) > 1
     for name in ("pairs", "scores", "trace"):
         assert table(scored_run.out, name).equals(table(one_worker_run.out, name))
     two, one = (Path(r.out) / "directions/directions.safetensors" for r in (scored_run, one_worker_run))

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ecif_ray.cli.common import EXIT_BAD_ARGS, Parser, apply_runtime
 
 # Registration order is the order `ecif-ray --help` lists the commands.
-COMMAND_MODULES = ("demo", "corpus", "train", "evaluate", "features", "score", "sql", "trace", "report")
+COMMAND_MODULES = ("demo", "corpus", "train", "evaluate", "features", "embeddings", "score", "sql", "trace", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

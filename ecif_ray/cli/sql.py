@@ -1,7 +1,8 @@
 """`ecif-ray sql`: query a run's influence tables with DuckDB.
 
 Views: ``pairs``, ``scores``, ``errors``, ``trace``, ``runs`` (docs/pipeline.md has the schema and a
-cookbook). RUN_DIR may also be a directory of run directories; ``run_id`` tells the runs apart.
+cookbook). RUN_DIR may also be a directory of run directories; ``run_id`` tells the runs apart, or a
+feature store (``ecif-ray features``), whose views are ``features``, ``embeddings`` and ``errors``.
 
 Read-only by default: only SELECT statements (and EXPLAIN of them) run, and DuckDB reads local
 files only under RUN_DIR and the ``--allow-read`` paths (a query cannot read ``~/.ray/auth_token``
@@ -24,7 +25,8 @@ from ecif_ray.cli.common import subcommand
 def add_parser(subparsers) -> None:
     p = subcommand(subparsers, "sql", "Run SQL (DuckDB) over a run's tables: pairs, scores, errors, trace, runs.",
                    "ecif-ray sql runs/r1 \"SELECT shard, key, ecif_is FROM pairs ORDER BY ecif_is DESC LIMIT 10\"")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (local or s3://), or a directory of runs")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (local or s3://), a directory of runs, or a "
+                   "feature store (views features, embeddings, errors)")
     p.add_argument("query", metavar="SQL", help="one SQL statement")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"],
                    help="table (aligned, for people), csv (with header) or json (an array of objects)")
@@ -45,9 +47,10 @@ def _run_sql(args: argparse.Namespace) -> int:
     from ecif_ray.tables.views import check_read_only
 
     con = _connect(args)
-    for run_id, status in con.sql("SELECT run_id, status FROM runs WHERE status <> 'complete'").fetchall():
-        print(f"ecif-ray sql: note: run {run_id} is {status}: its tables hold the shards committed so far",
-              file=sys.stderr)
+    if con.sql("SELECT 1 FROM duckdb_views() WHERE view_name = 'runs'").fetchall():  # not for a feature store
+        for run_id, status in con.sql("SELECT run_id, status FROM runs WHERE status <> 'complete'").fetchall():
+            print(f"ecif-ray sql: note: run {run_id} is {status}: its tables hold the shards committed so far",
+                  file=sys.stderr)
     try:
         if not args.allow_writes:
             check_read_only(con, args.query)

@@ -65,12 +65,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +95,7 @@ from ecif_ray.models.checkpoint import Checkpoint, checkpoint_fingerprint, load_
 from ecif_ray.pipeline.pool import RunInterrupted
 from ecif_ray.pipeline.prepare import check_writable, checkpoint_files, fetch_checkpoint
 from ecif_ray.pipeline.results import EXIT_INCOMPLETE, EXIT_INPUT_ERRORS, EXIT_OK
+from ecif_ray.pipeline.worker import peak_rss_bytes
 from ecif_ray.tables.feature_store import (
     FEATURE_COLUMNS,
     FeatureColumn,
@@ -109,7 +112,8 @@ if TYPE_CHECKING:
     pass
 
 FAILED_STAGE = "features"  # errors-row stage of a shard the storage did not deliver in any attempt
-OUTCOME_FIELDS = ("shard", "status", "record", "message", "bytes")
+OUTCOME_FIELDS = ("shard", "status", "record", "message", "bytes", "worker", "peak_rss_bytes")
+INT_FIELDS = ("bytes", "peak_rss_bytes")
 
 
 class FeaturePassFailed(RunInterrupted):
@@ -196,6 +200,7 @@ class FeatureResult:
     skipped: dict[str, ShardRecord]  # committed earlier (same fingerprint)
     failed: dict[str, str]  # shard -> why (storage), uncommitted
     bytes_written: int = 0  # size of the features files this pass wrote
+    worker_peak_rss: dict[str, int] = field(default_factory=dict)  # actor (node:pid) -> its peak RSS, bytes
     seconds: float = 0.0  # whole pass
     feature_s: float = 0.0  # the Ray Data part
     exit_code: int = EXIT_OK
@@ -235,7 +240,8 @@ class FeatureResult:
                 "pairs_written": self.pairs_written, "errors_by_stage": self.errors_by_stage,
                 "feature_bytes_per_pair": sum(c.bytes_per_pair for c in self.columns),
                 "disk_bytes_per_pair": round(self.bytes_per_pair, 1), "pairs_per_s": round(self.pairs_per_s, 2),
-                "feature_s": round(self.feature_s, 3), "seconds": round(self.seconds, 3), "exit_code": self.exit_code}
+                "feature_s": round(self.feature_s, 3), "seconds": round(self.seconds, 3),
+                "worker_peak_rss_bytes": dict(sorted(self.worker_peak_rss.items())), "exit_code": self.exit_code}
 
 
 # -- the trunk and its identity --------------------------------------------------------------------
@@ -354,8 +360,9 @@ class ShardFeaturizer:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outcomes = [self.featurize(Shard(url=str(url), name=str(name))) for name, url in zip(batch["shard"],
                                                                                               batch["url"])]
-        return {name: np.array([o[name] for o in outcomes], dtype=np.int64 if name == "bytes" else object)
-                for name in OUTCOME_FIELDS}
+        worker = {"worker": f"{socket.gethostname()}:{os.getpid()}", "peak_rss_bytes": peak_rss_bytes()}
+        return {name: np.array([{**o, **worker}[name] for o in outcomes],
+                               dtype=np.int64 if name in INT_FIELDS else object) for name in OUTCOME_FIELDS}
 
     def featurize(self, shard: Shard) -> dict[str, Any]:
         """One shard, retried with backoff while the storage fails; the last failure is an errors row."""
@@ -466,6 +473,8 @@ def featurizer_settings(prep: FeaturePrep, info: StoreInfo, use_gpu: bool = Fals
 
 
 def _collect(row: Mapping[str, Any], result: FeatureResult) -> None:
+    worker = str(row["worker"])
+    result.worker_peak_rss[worker] = max(result.worker_peak_rss.get(worker, 0), int(row["peak_rss_bytes"]))
     if row["status"] == "ok":
         record = ShardRecord.from_json(json.loads(row["record"]))
         result.written[record.shard] = record
@@ -497,7 +506,8 @@ def _record_pass(store: FeatureStore, prep: FeaturePrep, result: FeatureResult) 
                         "checkpoint_sha256", "code_version")}, "shards_written": len(result.written),
                         "shards_failed": len(result.failed), "pairs_written": result.pairs_written,
                         "batch_size": prep.batch_size, "workers": prep.job.workers,
-                        "feature_s": round(result.feature_s, 3)})
+                        "feature_s": round(result.feature_s, 3),
+                        "worker_peak_rss_bytes": dict(sorted(result.worker_peak_rss.items()))})
     store.save_info(info)
 
 

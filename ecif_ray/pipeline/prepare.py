@@ -118,7 +118,8 @@ def check_features(url: str, so: dict[str, Any] | None, task: InfluenceTask, arc
     except (NotAFeatureStore, FeatureStoreMismatch) as exc:
         raise ValueError(str(exc)) from None
     names = [s.name for s in shards]
-    missing = [n for n in names if n not in store.completed(names, info.fingerprint)]
+    committed = store.completed(names, info.fingerprint)  # once: it reads every shard's record
+    missing = [n for n in names if n not in committed]
     if missing:
         raise ValueError(f"features: {store.url} lacks {len(missing)} of the {len(names)} train shards (e.g. "
                          f"{', '.join(missing[:3])}); complete it with `ecif-ray features --ckpt {config.ckpt} "

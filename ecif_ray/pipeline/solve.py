@@ -47,6 +47,8 @@ from ecif_ray.pipeline.pool import RunInterrupted, WorkerPool
 from ecif_ray.pipeline.worker import QueryResult, QuerySpec
 from ecif_ray.tables.directions import DirectionsMeta, SavedDirections
 
+PARTIALS_BYTES = 256 * 2**20  # partial products fetched per chunk of a distributed G·V
+
 
 @dataclass
 class CurvatureSample:
@@ -156,15 +158,33 @@ class DistributedCurvature:
         return fresh
 
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """G·V for a [D, Q] block: per-group partials from the actors, summed in group order."""
+        """G·V for a [D, Q] block: per-group partials from the actors, summed in group order (so the result
+        does not depend on which actor holds which group). Groups are asked for a chunk at a time so that
+        the partials in flight stay under ``PARTIALS_BYTES`` on the driver and the actors whatever the
+        number of groups (a rank-128 sketch of 4,096 parameters is 4 MB per group: a 1,000-shard sample
+        fetched at once held 4 GB)."""
         vectors = ray.put(np.ascontiguousarray(V.detach().cpu().numpy()))
+        groups = [g.group for g in self.sample.groups]
+        chunk = max(len(self.pool.actors), PARTIALS_BYTES // max(1, V.numel() * V.element_size()))
+        total: np.ndarray | None = None
+        for start in range(0, len(groups), chunk):
+            partials = self._partials(groups[start:start + chunk], vectors)
+            for g in groups[start:start + chunk]:
+                if total is None:
+                    total = np.zeros_like(partials[g])
+                total += partials[g]
+        assert total is not None
+        return torch.from_numpy(total / self.sample.pairs).to(V.dtype)
+
+    def _partials(self, groups: list[int], vectors: ray.ObjectRef) -> dict[int, np.ndarray]:
+        """Each group's unnormalised partial product, from its owner; a dead owner's groups are redone."""
         partials: dict[int, np.ndarray] = {}
-        pending = [g.group for g in self.sample.groups]
+        pending = groups
         while pending:
             by_actor: dict[ActorHandle, list[int]] = {}
             for g in pending:
                 by_actor.setdefault(self.owner[g], []).append(g)
-            refs = {actor: actor.ggn.remote(groups, vectors) for actor, groups in by_actor.items()}
+            refs = {actor: actor.ggn.remote(mine, vectors) for actor, mine in by_actor.items()}
             pending = []
             for actor, ref in refs.items():
                 try:
@@ -172,10 +192,7 @@ class DistributedCurvature:
                 except RayActorError:
                     self._recover(actor)
                     pending += by_actor[actor]
-        total = np.zeros_like(partials[self.sample.groups[0].group])
-        for g in self.sample.groups:
-            total += partials[g.group]
-        return torch.from_numpy(total / self.sample.pairs).to(V.dtype)
+        return partials
 
     def release(self) -> None:
         ray.get([actor.drop_curvature.remote() for actor in set(self.owner.values()) if actor in self.pool.actors])

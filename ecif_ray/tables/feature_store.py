@@ -12,6 +12,11 @@ local path or fsspec URL)::
     errors/<shard>.parquet          the shard's bad samples, same schema as a run's ``errors`` table
                                     (tables.schema.ERRORS); only when it has some
     _state/shards/<shard>.json      commit record of each completed shard (tables.store.ShardRecord)
+    embeddings/checkpoint=<id>/<shard>.parquet
+                                    a checkpoint's final embeddings of the shard's pairs (``ecif-ray
+                                    embeddings``, ``pipeline.embeddings``); ``<id>``: the first 16 hex
+                                    digits of the checkpoint's sha256, so checkpoints sharing the trunk
+                                    share the store and keep their embeddings apart
 
 ``<shard>`` is the shard id escaped like a run's table files (``tables.store.shard_file_stem``).
 
@@ -41,6 +46,14 @@ hidden temp name and moved into place, the commit record comes last and lists ev
 row count, and a shard counts as done only when its record has the store's fingerprint and every
 file it lists is intact. A rerun skips those shards. Shard ids are basenames, so one store holds
 one corpus (or corpora whose shard names differ); a committed shard is never recomputed.
+
+**Embeddings** (``embeddings/``) are what a DataComp-style pipeline filters and deduplicates on: per pair
+``shard``, ``key``, ``shard_index``, ``caption``, ``image_embedding`` and ``text_embedding`` (the
+checkpoint's L2-normalised embeddings, ``fixed_size_list<float32>[d]``) and ``clip_score`` (s·û·v̂ in the
+analysis dtype, the value of a run's ``pairs.clip_score``). They depend on the checkpoint's trainable
+part, not only on the trunk, hence one Hive partition per checkpoint. A file is complete when it exists
+(written to a temp name, then moved) and its row count equals the shard's commit record; anything else is
+rewritten.
 
 Free of torch and Ray; ``pipeline.features`` turns rows into ``TrunkFeatures``.
 """
@@ -75,6 +88,8 @@ STORE_FORMAT = "ecif-ray-features/1"
 STORE_INFO = "store.json"
 FEATURES_DIR = "features"
 ERRORS_DIR = "errors"
+EMBEDDINGS_DIR = "embeddings"
+EMBEDDINGS_PARTITION = "checkpoint"  # Hive partition column of the embeddings table
 # TrunkFeatures field -> store column
 FEATURE_COLUMNS = {"image": "image_features", "text": "text_features", "tokens": "tokens"}
 ROW_GROUP_BYTES = 32 * 2**20  # rows are buffered up to this size before a Parquet row group is written
@@ -86,6 +101,14 @@ ID_FIELDS = (
     pa.field("caption", pa.string(), nullable=False),
     pa.field("meta", pa.string(), nullable=False),  # the sample's .json member as JSON text, "{}" when absent
 )
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """The schema of an ``embeddings`` file (see the module docstring)."""
+    vector = pa.list_(pa.float32(), dim)
+    return pa.schema([*ID_FIELDS[:4], pa.field("image_embedding", vector, nullable=False),
+                      pa.field("text_embedding", vector, nullable=False),
+                      pa.field("clip_score", pa.float64(), nullable=False)])
 
 
 class NotAFeatureStore(ValueError):
@@ -291,6 +314,10 @@ class FeatureStore:
     def errors_file(shard: str) -> str:
         return f"{ERRORS_DIR}/{shard_file_stem(shard)}.parquet"
 
+    @staticmethod
+    def embeddings_file(checkpoint_id: str, shard: str) -> str:
+        return f"{EMBEDDINGS_DIR}/{EMBEDDINGS_PARTITION}={checkpoint_id}/{shard_file_stem(shard)}.parquet"
+
     # -- identity ------------------------------------------------------------------------------
 
     def info(self) -> StoreInfo | None:
@@ -388,6 +415,37 @@ class FeatureStore:
         pq.write_table(data.replace_schema_metadata(metadata), buffer, compression="zstd")
         self.files.put(relative, buffer.getvalue().to_pybytes())
         return FileRecord(table=ERRORS_DIR, path=relative, rows=data.num_rows)
+
+    def write_embeddings(self, checkpoint_id: str, shard: str, columns: Mapping[str, Any],
+                         lineage: Mapping[str, Any]) -> FileRecord:
+        """One shard's embeddings file (``columns``: the :func:`embedding_schema` fields; the vectors as
+        ``[rows, d]`` float32 arrays), written atomically."""
+        image, text = (np.ascontiguousarray(columns[name], np.float32) for name in ("image_embedding",
+                                                                                       "text_embedding"))
+        rows, dim = image.shape
+        schema = embedding_schema(dim)
+        data = pa.table([pa.array(columns["shard"], pa.string()), pa.array(columns["key"], pa.string()),
+                         pa.array(columns["shard_index"], pa.int64()), pa.array(columns["caption"], pa.string()),
+                         pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1)), dim),
+                         pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1)), dim),
+                         pa.array(columns["clip_score"], pa.float64())], schema=schema)
+        metadata = {LINEAGE_KEY: json.dumps({**lineage, "table": EMBEDDINGS_DIR, "shard": shard}, sort_keys=True,
+                                            default=str).encode()}
+        relative = self.embeddings_file(checkpoint_id, shard)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(data.replace_schema_metadata(metadata), buffer, compression="zstd", use_dictionary=["shard"])
+        self.files.put(relative, buffer.getvalue().to_pybytes())
+        return FileRecord(table=EMBEDDINGS_DIR, path=relative, rows=rows)
+
+    def embeddings_complete(self, checkpoint_id: str, shard: str) -> bool:
+        """Whether the shard's embeddings file of that checkpoint exists with the shard's committed row count."""
+        path = self.files.path(self.embeddings_file(checkpoint_id, shard))
+        try:
+            with self.files.fs.open(path, "rb") as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+        except (FileNotFoundError, OSError, pa.ArrowInvalid):
+            return False
+        return rows == self._committed(shard).pairs
 
     def commit(self, record: ShardRecord) -> None:
         """Mark a shard done; only after every file it lists has been written."""

@@ -9,6 +9,10 @@ because DuckDB's own httpfs extension must be downloaded and the fsspec storage 
 credentials) already describe how to reach the data. Either way DuckDB pushes projections and
 filters down to the Parquet scan, so the views stay lazy on large runs.
 
+A feature store (``tables.feature_store``: ``store.json`` at its root) connects too, with its own views:
+``features`` (the stored trunk features), ``embeddings`` (every checkpoint's final embeddings and
+``clip_score``, partition column ``checkpoint``; empty until ``ecif-ray embeddings`` ran) and ``errors``.
+
 ``connect(..., read_only=True)`` with :func:`check_read_only` on every query (what ``ecif-ray sql``
 does by default) confines DuckDB to reading the run directories: local files are readable only
 under them (plus the ``allow_read`` paths), no extension is installed or loaded, the
@@ -28,6 +32,15 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from ecif_ray.tables.feature_store import (
+    EMBEDDINGS_DIR,
+    EMBEDDINGS_PARTITION,
+    FEATURES_DIR,
+    STORE_INFO,
+    FeatureStore,
+    embedding_schema,
+    feature_schema,
+)
 from ecif_ray.tables.manifest import read_manifest, runs_table
 from ecif_ray.tables.misalignment import misalignment_select
 from ecif_ray.tables.schema import PARTITION, TABLES, empty
@@ -64,6 +77,8 @@ def connect(location: str, storage_options: Mapping[str, Any] | None = None,
     ``allow_read`` files or directories; pass queries through :func:`check_read_only` as well,
     since DuckDB itself lets COPY ... TO write where it may read (see the module docstring).
     """
+    if FeatureStore(location, storage_options).files.exists(STORE_INFO):
+        return _connect_store(FeatureStore(location, storage_options), database, read_only, allow_read)
     stores = open_runs(location, storage_options)
     con = duckdb.connect(database)
     if read_only:
@@ -76,6 +91,43 @@ def connect(location: str, storage_options: Mapping[str, Any] | None = None,
     if read_only:
         con.execute("SET lock_configuration = true")
     return con
+
+
+def _connect_store(store: FeatureStore, database: str, read_only: bool,
+                   allow_read: Sequence[str]) -> duckdb.DuckDBPyConnection:
+    """The feature store's views (module docstring); the tables' layouts are ``tables.feature_store``'s."""
+    con = duckdb.connect(database)
+    if read_only:
+        _confine(con, [store.files.root] if store.files.local else [], allow_read)
+    info = store.info()
+    embeddings = pa.schema([*embedding_schema(1), (EMBEDDINGS_PARTITION, pa.string())])
+    for table, partition, schema in ((FEATURES_DIR, None, feature_schema(info.columns if info else [])),
+                                     (EMBEDDINGS_DIR, EMBEDDINGS_PARTITION, embeddings)):
+        pattern = store.files.path(f"{table}/{partition + '=*/' if partition else ''}*.parquet")
+        if store.files.local and store.files.fs.glob(pattern):
+            hive = f"true, hive_types = {{'{partition}': 'VARCHAR'}}" if partition else "false"
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_quote(pattern)}, "
+                        f"hive_partitioning = {hive})")
+            continue
+        dataset = None if store.files.local else _store_dataset(store, table, partition)
+        con.register(f"_ecif_{table}", dataset if dataset is not None else schema.empty_table())
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM _ecif_{table}")
+    con.register("_ecif_errors", store.errors())  # small: one row per bad sample
+    con.execute("CREATE VIEW errors AS SELECT * FROM _ecif_errors")
+    if read_only:
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+def _store_dataset(store: FeatureStore, table: str, partition: str | None) -> ds.Dataset | None:
+    base = store.files.path(table)
+    store.files.fs.invalidate_cache()  # as _remote_dataset: no listing may outlive a rewrite
+    if not store.files.fs.exists(base):
+        return None
+    partitioning = ds.partitioning(pa.schema([(partition, pa.string())]), flavor="hive") if partition else None
+    dataset = ds.dataset(base, filesystem=store.files.fs, format="parquet", partitioning=partitioning,
+                         ignore_prefixes=[".", "_"])
+    return dataset if dataset.files else None
 
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
