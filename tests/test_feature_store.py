@@ -198,6 +198,20 @@ def test_lora_block_features_and_a_shard_the_storage_does_not_deliver(ray_cluste
     [row] = [r for r in store.errors().to_pylist() if r["stage"] == "features"]
     assert row["shard"] == missing.name and "failed 2 times" in row["message"]
 
+    # The LoRA tail (the last block, pooling by the stored token ids) gives the embeddings: the committed
+    # shards only, and the scorer's CLIP score (float32: to float32 rounding).
+    from ecif_ray.pipeline.embeddings import EmbeddingJob, run_embeddings
+
+    embedded = run_embeddings(EmbeddingJob(ckpt=str(lora_ckpt), features=str(out), progress=False))
+    assert embedded.pairs_written == result.pairs and missing.name not in embedded.written
+    got = {(r["shard"], r["key"]): r["clip_score"] for r in FeatureStore(str(out)).files.read_table(
+        FeatureStore.embeddings_file(embedded.checkpoint_id, EXTRA)).to_pylist()}
+    [batch] = load_segments(str(corpus / EXTRA), segment_size=16, preprocess=task.bundle.preprocess,
+                            tokenizer=task.bundle.tokenizer)[0]
+    with torch.no_grad():
+        diagonal = torch.diagonal(task.similarity_fn(batch)(task.params))
+    assert [got[(EXTRA, k)] for k in batch.keys] == pytest.approx(diagonal.tolist(), rel=1e-5, abs=1e-5)
+
 
 def test_a_store_on_s3_written_by_the_actor_class_in_process(s3_bucket, heads_ckpt, corpus):
     """The actor class without Ray, shards and store on S3 (moto): streamed temp object moved into place,
