@@ -85,8 +85,11 @@ def build(out: Path, pairs: int, samples: list) -> int:
 
 
 PEAK = "ecif-bench-peak-rss"
-RUNNER = ("import sys\nfrom ecif_ray.cli import main\nfrom ecif_ray.pipeline.worker import peak_rss_bytes\n"
-          "code = main(sys.argv[1:])\nprint('{peak}', peak_rss_bytes(), file=sys.stderr)\nsys.exit(code)")
+# The peak RSS is read from /proc here, not with pipeline.worker.peak_rss_bytes: importing that module
+# (torch, ray) would add seconds to light commands such as `ecif-ray sql`.
+RUNNER = ("import sys\nfrom ecif_ray.cli import main\ncode = main(sys.argv[1:])\n"
+          "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+          "print('{peak}', int(hwm.split()[1]) * 1024, file=sys.stderr)\nsys.exit(code)")
 
 
 def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, int, str]:
