@@ -379,6 +379,19 @@ def test_embeddings_of_a_checkpoint_from_the_store_with_sql_views(heads_store, h
         assert main(["sql", str(store), query, "--format", "json"]) == 0
         assert json.loads(capsys.readouterr().out)
 
+    # A damaged features file: that shard is reported by name (exit 4), the others are written.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(original, damaged)
+    bad = next(p for p in (damaged / "features").glob("*.parquet") if EXTRA not in p.name)
+    bad.write_bytes(bad.read_bytes()[:200])
+    assert main(["embeddings", "--ckpt", str(heads_ckpt), "--features", str(damaged), "--no-progress"]) \
+        == EXIT_INCOMPLETE
+    err = capsys.readouterr().err
+    assert bad.name.removesuffix(".parquet") in err and "ArrowInvalid" in err
+    partition = damaged / "embeddings" / f"checkpoint={result['checkpoint_id']}"
+    assert sorted(p.name for p in partition.glob("*.parquet")) == sorted(
+        p.name for p in (damaged / "features").glob("*.parquet") if p != bad)
+
 
 def test_a_store_that_does_not_fit_the_run_is_refused_before_any_cluster(heads_store, score_config, lora_ckpt,
                                                                         corpus, digits_corpus, tmp_path, capsys):

@@ -3,13 +3,15 @@
 The pass is ``pipeline.embeddings`` (no images, no trunk: the checkpoint's tail over the stored trunk
 features); the table lands in the store (``embeddings/checkpoint=<id>/``, ``tables.feature_store``) and
 ``ecif-ray sql STORE`` queries it. Exit status: 0 done; 2 refused (bad argument or checkpoint, a store of
-another trunk, a store in use); 1 unexpected failure.
+another trunk, a store in use); 4 some shards' stored features could not be read (named; the others are
+written); 1 unexpected failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ecif_ray.cli.common import add_runtime_flags, subcommand
 from ecif_ray.cli.config_flags import FieldFlag, add_field_flags, field_overrides
@@ -44,13 +46,16 @@ def _run_embeddings(args: argparse.Namespace) -> int:
     result = run_embeddings(job).to_json()
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+        return result["exit_code"]
     print(f"embeddings of checkpoint {result['checkpoint_id']} ({result['dim']} dims) in {result['store']}: "
           f"{result['shards']} shards ({result['shards_written']} written now, {result['shards_skipped']} already "
           f"complete)")
     if result["pairs_written"]:
         print(f"this pass: {result['pairs_written']} pairs in {result['seconds']:.1f} s ({result['pairs_per_s']:.0f} "
               f"pairs/s), {result['disk_bytes_per_pair']:.0f} bytes per pair on disk")
+    for why in result["failed"].values():
+        print(f"failed: {why} (rewrite the shard: delete its _state/shards record, rerun `ecif-ray features`, then "
+              "this command)", file=sys.stderr)
     print(f"query: ecif-ray sql {result['store']} \"SELECT key, clip_score FROM embeddings WHERE checkpoint = "
           f"'{result['checkpoint_id']}' ORDER BY clip_score LIMIT 10\"")
-    return 0
+    return result["exit_code"]

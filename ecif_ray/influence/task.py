@@ -146,6 +146,10 @@ class InfluenceTask:
                                          strict=False)
         return tuple(torch.empty(0) if e is None else e for e in out)  # type: ignore[return-value]
 
+    def clip_scores(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """s·û·v̂ of each pair from its own embeddings: the diagonal of S without the [B, B] matrix."""
+        return self.logit_scale * (text * image).sum(-1)
+
     def similarity_fn(self, batch: PairBatch | SegmentStack) -> SimilarityFn:
         """θ ↦ S(θ): [B, B] for one segment, [M, B, B] for a stack (row i = text i, column j = image j)."""
         if isinstance(batch, SegmentStack):

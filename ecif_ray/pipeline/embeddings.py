@@ -13,7 +13,8 @@ It runs in the calling process, without Ray: for heads the work is a matrix prod
 pass is bound by reading the store (see BENCHMARKS.md for its rate at a million pairs); lora/last-k
 tails run transformer blocks, in the driver too (``--threads`` torch threads, or ``--device cuda``).
 Shards whose file is complete are skipped, so a rerun resumes; the store's lease keeps a concurrent
-``features`` pass or another embeddings pass out.
+``features`` pass or another embeddings pass out. A shard whose stored features cannot be read is
+reported (``failed``, naming the shard and the error; exit 4) and the other shards are written.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ecif_ray.influence.settings import AnalysisDType, resolve_dtype
 from ecif_ray.influence.task import InfluenceTask
 from ecif_ray.models.checkpoint import checkpoint_fingerprint, load_checkpoint
 from ecif_ray.pipeline.prepare import fetch_checkpoint
+from ecif_ray.pipeline.results import EXIT_INCOMPLETE, EXIT_OK
 from ecif_ray.tables.feature_store import EMBEDDINGS_PARTITION, FeatureStore, open_store
 from ecif_ray.tables.lease import RunLease
 
@@ -63,6 +65,7 @@ class EmbeddingResult:
     dim: int
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # complete from an earlier pass
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> why its stored features could not be read
     pairs_written: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
@@ -73,31 +76,31 @@ class EmbeddingResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"store": self.store, "checkpoint_id": self.checkpoint_id, "partition": EMBEDDINGS_PARTITION,
-                "dim": self.dim, "shards": len(self.written) + len(self.skipped), "shards_written": len(self.written),
-                "shards_skipped": len(self.skipped), "pairs_written": self.pairs_written,
+                "dim": self.dim, "shards": len(self.written) + len(self.skipped) + len(self.failed),
+                "shards_written": len(self.written), "shards_skipped": len(self.skipped), "failed": self.failed,
+                "exit_code": EXIT_INCOMPLETE if self.failed else EXIT_OK, "pairs_written": self.pairs_written,
                 "disk_bytes_per_pair": round(self.bytes_written / self.pairs_written, 1) if self.pairs_written else 0,
                 "pairs_per_s": round(self.pairs_per_s, 1), "seconds": round(self.seconds, 3)}
 
 
 def shard_embeddings(task: InfluenceTask, store: FeatureStore, shard: str, batch_size: int) -> dict[str, Any]:
     """One committed shard's rows with the task's embeddings and CLIP scores (``write_embeddings`` columns)."""
-    out: dict[str, list] = {name: [] for name in ("shard", "key", "shard_index", "caption", "image_embedding",
-                                                 "text_embedding", "clip_score")}
-    for rows in store.iter_shard(shard, batch_size):
-        features = to_trunk_features(rows, task.trunk_source, task.device)
-        with torch.no_grad():
-            image, text = task.embeddings(features, task.params)
-        out["shard"] += [shard] * len(rows)
-        out["key"] += rows.keys
-        out["shard_index"].append(rows.shard_index)
-        out["caption"] += rows.captions
-        out["image_embedding"].append(image.cpu().numpy())
-        out["text_embedding"].append(text.cpu().numpy())
-        out["clip_score"].append((task.logit_scale * (text * image).sum(-1)).cpu().numpy())
     dim = embedding_dim(task)
-    empty = {"shard_index": np.zeros(0, np.int64), "image_embedding": np.zeros((0, dim)),
-             "text_embedding": np.zeros((0, dim)), "clip_score": np.zeros(0)}
-    return {**out, **{name: np.concatenate(out[name]) if out[name] else value for name, value in empty.items()}}
+    ids: dict[str, list] = {"shard": [], "key": [], "caption": []}
+    arrays: dict[str, list[np.ndarray]] = {"shard_index": [np.zeros(0, np.int64)],  # empty shards concatenate too
+                                           "image_embedding": [np.zeros((0, dim))],
+                                           "text_embedding": [np.zeros((0, dim))], "clip_score": [np.zeros(0)]}
+    for rows in store.iter_shard(shard, batch_size):
+        with torch.no_grad():
+            image, text = task.embeddings(to_trunk_features(rows, task.trunk_source, task.device), task.params)
+        ids["shard"] += [shard] * len(rows)
+        ids["key"] += rows.keys
+        ids["caption"] += rows.captions
+        for name, values in (("shard_index", rows.shard_index), ("image_embedding", image.cpu().numpy()),
+                             ("text_embedding", text.cpu().numpy()),
+                             ("clip_score", task.clip_scores(image, text).cpu().numpy())):
+            arrays[name].append(values)
+    return {**ids, **{name: np.concatenate(parts) for name, parts in arrays.items()}}
 
 
 def embedding_dim(task: InfluenceTask) -> int:
@@ -116,11 +119,9 @@ def run_embeddings(job: EmbeddingJob) -> EmbeddingResult:
     task = InfluenceTask.from_checkpoint(ckpt, n_train=1, delta=ckpt.meta.delta if ckpt.meta.delta > 0 else 1.0)
     url = str(absolute_local(job.features))
     # The read limits decided which samples became rows, not what a row's features are: take the store's.
-    written = open_store(url, so).info()
-    assert written is not None  # open_store checked it
-    store = open_task_store(url, task, ckpt.meta.arch, so, ReadLimits(**written.identity.get("limits", {})))
-    info = store.info()
-    assert info is not None
+    info = open_store(url, so).info()
+    assert info is not None  # open_store checked it
+    store = open_task_store(url, task, ckpt.meta.arch, so, ReadLimits(**info.identity.get("limits", {})))
     sha256 = checkpoint_fingerprint(checkpoint_dir)
     result = EmbeddingResult(store=store.url, checkpoint_id=sha256[:16], dim=embedding_dim(task))
     lineage = {"checkpoint": job.ckpt, "checkpoint_sha256": sha256, "arch": ckpt.meta.arch,
@@ -133,8 +134,12 @@ def run_embeddings(job: EmbeddingJob) -> EmbeddingResult:
             if store.embeddings_complete(result.checkpoint_id, shard):
                 result.skipped.append(shard)
                 continue
-            record = store.write_embeddings(result.checkpoint_id, shard,
-                                            shard_embeddings(task, store, shard, job.batch_size), lineage)
+            try:
+                columns = shard_embeddings(task, store, shard, job.batch_size)
+            except (OSError, ValueError) as exc:  # a damaged or vanished features file: the other shards go on
+                result.failed[shard] = f"features: {store.url}: shard {shard}: {type(exc).__name__}: {exc}"
+                continue
+            record = store.write_embeddings(result.checkpoint_id, shard, columns, lineage)
             result.written.append(shard)
             result.pairs_written += record.rows
             result.bytes_written += store.file_bytes(record.path)

@@ -408,13 +408,7 @@ class FeatureStore:
         if not rows["shard"]:
             self.files.remove(relative)
             return None
-        data = conform("errors", dict(rows))
-        metadata = {LINEAGE_KEY: json.dumps({**lineage, "table": ERRORS_DIR, "shard": shard}, sort_keys=True,
-                                            default=str).encode()}
-        buffer = pa.BufferOutputStream()
-        pq.write_table(data.replace_schema_metadata(metadata), buffer, compression="zstd")
-        self.files.put(relative, buffer.getvalue().to_pybytes())
-        return FileRecord(table=ERRORS_DIR, path=relative, rows=data.num_rows)
+        return self._put_table(ERRORS_DIR, relative, conform("errors", dict(rows)), shard, lineage)
 
     def write_embeddings(self, checkpoint_id: str, shard: str, columns: Mapping[str, Any],
                          lineage: Mapping[str, Any]) -> FileRecord:
@@ -422,20 +416,25 @@ class FeatureStore:
         ``[rows, d]`` float32 arrays), written atomically."""
         image, text = (np.ascontiguousarray(columns[name], np.float32) for name in ("image_embedding",
                                                                                        "text_embedding"))
-        rows, dim = image.shape
+        dim = image.shape[1]
         schema = embedding_schema(dim)
         data = pa.table([pa.array(columns["shard"], pa.string()), pa.array(columns["key"], pa.string()),
                          pa.array(columns["shard_index"], pa.int64()), pa.array(columns["caption"], pa.string()),
                          pa.FixedSizeListArray.from_arrays(pa.array(image.reshape(-1)), dim),
                          pa.FixedSizeListArray.from_arrays(pa.array(text.reshape(-1)), dim),
                          pa.array(columns["clip_score"], pa.float64())], schema=schema)
-        metadata = {LINEAGE_KEY: json.dumps({**lineage, "table": EMBEDDINGS_DIR, "shard": shard}, sort_keys=True,
+        return self._put_table(EMBEDDINGS_DIR, self.embeddings_file(checkpoint_id, shard), data, shard, lineage,
+                               use_dictionary=["shard"])
+
+    def _put_table(self, table: str, relative: str, data: pa.Table, shard: str, lineage: Mapping[str, Any],
+                   **options: Any) -> FileRecord:
+        """``data`` as one zstd Parquet file with the lineage in its metadata, written atomically."""
+        metadata = {LINEAGE_KEY: json.dumps({**lineage, "table": table, "shard": shard}, sort_keys=True,
                                             default=str).encode()}
-        relative = self.embeddings_file(checkpoint_id, shard)
         buffer = pa.BufferOutputStream()
-        pq.write_table(data.replace_schema_metadata(metadata), buffer, compression="zstd", use_dictionary=["shard"])
+        pq.write_table(data.replace_schema_metadata(metadata), buffer, compression="zstd", **options)
         self.files.put(relative, buffer.getvalue().to_pybytes())
-        return FileRecord(table=EMBEDDINGS_DIR, path=relative, rows=rows)
+        return FileRecord(table=table, path=relative, rows=data.num_rows)
 
     def embeddings_complete(self, checkpoint_id: str, shard: str) -> bool:
         """Whether the shard's embeddings file of that checkpoint exists with the shard's committed row count."""

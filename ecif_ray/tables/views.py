@@ -46,8 +46,6 @@ from ecif_ray.tables.misalignment import misalignment_select
 from ecif_ray.tables.schema import PARTITION, TABLES, empty
 from ecif_ray.tables.store import MANIFEST, RunStore
 
-_HIVE = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
-
 
 class NotARunDirectory(ValueError):
     """The location holds no manifest.json, neither itself nor in its subdirectories."""
@@ -77,8 +75,9 @@ def connect(location: str, storage_options: Mapping[str, Any] | None = None,
     ``allow_read`` files or directories; pass queries through :func:`check_read_only` as well,
     since DuckDB itself lets COPY ... TO write where it may read (see the module docstring).
     """
-    if FeatureStore(location, storage_options).files.exists(STORE_INFO):
-        return _connect_store(FeatureStore(location, storage_options), database, read_only, allow_read)
+    feature_store = FeatureStore(location, storage_options)
+    if feature_store.files.exists(STORE_INFO):
+        return _connect_store(feature_store, database, read_only, allow_read)
     stores = open_runs(location, storage_options)
     con = duckdb.connect(database)
     if read_only:
@@ -100,6 +99,7 @@ def _connect_store(store: FeatureStore, database: str, read_only: bool,
     if read_only:
         _confine(con, [store.files.root] if store.files.local else [], allow_read)
     info = store.info()
+    # Shown while no embeddings exist: the columns, with a placeholder vector width.
     embeddings = pa.schema([*embedding_schema(1), (EMBEDDINGS_PARTITION, pa.string())])
     for table, partition, schema in ((FEATURES_DIR, None, feature_schema(info.columns if info else [])),
                                      (EMBEDDINGS_DIR, EMBEDDINGS_PARTITION, embeddings)):
@@ -109,7 +109,7 @@ def _connect_store(store: FeatureStore, database: str, read_only: bool,
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_quote(pattern)}, "
                         f"hive_partitioning = {hive})")
             continue
-        dataset = None if store.files.local else _store_dataset(store, table, partition)
+        dataset = None if store.files.local else _remote_dataset(store.files, table, partition)
         con.register(f"_ecif_{table}", dataset if dataset is not None else schema.empty_table())
         con.execute(f"CREATE VIEW {table} AS SELECT * FROM _ecif_{table}")
     con.register("_ecif_errors", store.errors())  # small: one row per bad sample
@@ -117,17 +117,6 @@ def _connect_store(store: FeatureStore, database: str, read_only: bool,
     if read_only:
         con.execute("SET lock_configuration = true")
     return con
-
-
-def _store_dataset(store: FeatureStore, table: str, partition: str | None) -> ds.Dataset | None:
-    base = store.files.path(table)
-    store.files.fs.invalidate_cache()  # as _remote_dataset: no listing may outlive a rewrite
-    if not store.files.fs.exists(base):
-        return None
-    partitioning = ds.partitioning(pa.schema([(partition, pa.string())]), flavor="hive") if partition else None
-    dataset = ds.dataset(base, filesystem=store.files.fs, format="parquet", partitioning=partitioning,
-                         ignore_prefixes=[".", "_"])
-    return dataset if dataset.files else None
 
 
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?(\([^)]*\)\s*)?", re.IGNORECASE)
@@ -184,14 +173,16 @@ def _local_glob(store: RunStore, table: str) -> str | None:
     return pattern if store.fs.glob(pattern) else None
 
 
-def _remote_dataset(store: RunStore, table: str) -> ds.Dataset | None:
+def _remote_dataset(store: RunStore, table: str, partition: str | None = PARTITION) -> ds.Dataset | None:
+    """The table's files under ``store`` as a pyarrow dataset (Hive-partitioned by ``partition``), or None."""
     base = store.path(table)
     # Every cached listing, not just ``base`` and its parents: the partition folders' listings (with
     # the files' ETags) would otherwise outlive a rerun that rewrote a shard's file.
     store.fs.invalidate_cache()
     if not store.fs.exists(base):
         return None
-    dataset = ds.dataset(base, filesystem=store.fs, format="parquet", partitioning=_HIVE)
+    partitioning = ds.partitioning(pa.schema([(partition, pa.string())]), flavor="hive") if partition else None
+    dataset = ds.dataset(base, filesystem=store.fs, format="parquet", partitioning=partitioning)
     return dataset if dataset.files else None
 
 
